@@ -1,0 +1,76 @@
+"""Closed-form Fisher information of SB3's action distributions."""
+
+from __future__ import annotations
+
+from stable_baselines3.common.distributions import (
+    BernoulliDistribution,
+    CategoricalDistribution,
+    DiagGaussianDistribution,
+    Distribution,
+    MultiCategoricalDistribution,
+    StateDependentNoiseDistribution,
+)
+import torch as th
+
+from sb3_trpo.trust_region import (
+    DistributionFisherProduct,
+    bernoulli_fisher_product,
+    categorical_fisher_product,
+    gaussian_fisher_product,
+)
+
+
+def distribution_parameters(distribution: Distribution) -> tuple[th.Tensor, ...] | None:
+    """The tensors that define ``distribution`` per sample, or None for an unknown distribution.
+
+    Gaussians (including gSDE) give ``(mean, std)``, categoricals their logits (one
+    tensor per sub-space for MultiCategorical), Bernoullis their logits.
+    """
+    if isinstance(distribution, DiagGaussianDistribution | StateDependentNoiseDistribution):
+        return (distribution.distribution.loc, distribution.distribution.scale)
+    if isinstance(distribution, MultiCategoricalDistribution):
+        return tuple(categorical.logits for categorical in distribution.distribution)
+    if isinstance(distribution, CategoricalDistribution | BernoulliDistribution):
+        return (distribution.distribution.logits,)
+    return _masked_categorical_logits(distribution)
+
+
+def fisher_product(distribution: Distribution) -> DistributionFisherProduct | None:
+    """The closed-form Fisher product matching :func:`distribution_parameters`, or None."""
+    if isinstance(distribution, DiagGaussianDistribution | StateDependentNoiseDistribution):
+        return gaussian_fisher_product
+    if isinstance(distribution, BernoulliDistribution):
+        return bernoulli_fisher_product
+    if isinstance(distribution, CategoricalDistribution | MultiCategoricalDistribution):
+        return categorical_fisher_product
+    if _masked_categorical_logits(distribution) is not None:
+        return categorical_fisher_product
+    return None
+
+
+def kl_terms_per_sample(distribution: Distribution) -> int:
+    """How many terms per sample SB3's ``kl_divergence`` returns for this distribution.
+
+    SB3 (and so sb3-contrib's TRPO) averages the KL over these terms as well as over
+    samples: for a diagonal Gaussian or a Bernoulli the constrained quantity is the KL
+    per action dimension, not the KL of the joint distribution (a MultiCategorical's
+    KL is summed over its sub-spaces).
+    """
+    if isinstance(distribution, DiagGaussianDistribution | StateDependentNoiseDistribution):
+        return int(distribution.distribution.loc.shape[-1])
+    if isinstance(distribution, BernoulliDistribution):
+        return int(distribution.distribution.logits.shape[-1])
+    return 1
+
+
+def _masked_categorical_logits(distribution: Distribution) -> tuple[th.Tensor, ...] | None:
+    """Logits of sb3-contrib's maskable distributions (masked entries carry no mass)."""
+    try:
+        from sb3_contrib.common.maskable.distributions import MaskableDistribution
+    except ImportError:  # pragma: no cover - sb3-contrib is a dependency
+        return None
+    if not isinstance(distribution, MaskableDistribution):
+        return None
+    inner = distribution.distribution
+    categoricals = inner if isinstance(inner, list) else [inner]
+    return tuple(categorical.logits for categorical in categoricals)

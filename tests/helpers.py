@@ -1,0 +1,74 @@
+"""Small policies and dense linear algebra shared by the tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.distributions import kl_divergence
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.torch_layers import FlattenExtractor
+
+from sb3_trpo.npg import split_actor_critic
+from sb3_trpo.trust_region import unflatten
+
+OBSERVATION_SPACE = spaces.Box(-1.0, 1.0, (3,), dtype=np.float32)
+
+ACTION_SPACES = {
+    "gaussian": (spaces.Box(-1.0, 1.0, (2,), dtype=np.float32), False),
+    "gsde": (spaces.Box(-1.0, 1.0, (2,), dtype=np.float32), True),
+    "categorical": (spaces.Discrete(4), False),
+    "multicategorical": (spaces.MultiDiscrete([3, 2]), False),
+    "bernoulli": (spaces.MultiBinary(3), False),
+}
+
+
+class DoubleFlatten(FlattenExtractor):
+    """SB3 preprocesses Box observations to float32; the dense checks run in float64."""
+
+    def forward(self, observations: th.Tensor) -> th.Tensor:
+        return super().forward(observations).double()
+
+
+def small_policy(kind: str, seed: int = 0) -> ActorCriticPolicy:
+    """A tiny policy (double precision) whose action distribution is of the given kind."""
+    th.manual_seed(seed)
+    action_space, use_sde = ACTION_SPACES[kind]
+    policy = ActorCriticPolicy(
+        OBSERVATION_SPACE,
+        action_space,
+        lambda _: 1e-3,
+        net_arch=[5],
+        use_sde=use_sde,
+        log_std_init=-0.3,
+        features_extractor_class=DoubleFlatten,
+    ).double()
+    # Spread the log-std so that the Gaussian Fisher is not a multiple of the identity.
+    if hasattr(policy, "log_std"):
+        with th.no_grad():
+            policy.log_std.add_(0.1 * th.randn_like(policy.log_std))
+    return policy
+
+
+def observations(n: int = 7, seed: int = 1) -> th.Tensor:
+    generator = th.Generator().manual_seed(seed)
+    return 2 * th.rand(n, 3, generator=generator, dtype=th.float64) - 1
+
+
+def dense_kl_hessian(policy: ActorCriticPolicy, obs: th.Tensor) -> th.Tensor:
+    """Explicit Hessian of the mean KL(pi_old || pi) over the actor parameters, at pi = pi_old."""
+    actor, _ = split_actor_critic(policy)
+    names = [name for name, p in policy.named_parameters() if any(p is a for a in actor)]
+    flat = th.cat([p.detach().reshape(-1) for p in actor])
+    import copy
+
+    with th.no_grad():
+        old = copy.copy(policy.get_distribution(obs))
+
+    def mean_kl(vector: th.Tensor) -> th.Tensor:
+        values = dict(zip(names, unflatten(vector, actor), strict=True))
+        with th.nn.utils.stateless._reparametrize_module(policy, values):
+            new = policy.get_distribution(obs)
+            return kl_divergence(old, new).mean()
+
+    return th.autograd.functional.hessian(mean_kl, flat)
