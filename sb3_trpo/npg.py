@@ -9,7 +9,8 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple, TypeVar
+from collections.abc import Callable
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch as th
@@ -52,8 +53,9 @@ class NonFiniteError(ValueError):
     """Raised when NaN or infinite values would reach the weights; the weights are left as they were."""
 
 
-class PolicyBatch(NamedTuple):
-    """The data the trust-region step is computed on."""
+@dataclass
+class PolicyBatch:
+    """The data the trust-region step is computed on (variants add fields in subclasses)."""
 
     observations: PyTorchObs
     actions: th.Tensor
@@ -288,16 +290,25 @@ class NPG(OnPolicyAlgorithm):
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
         return PolicyBatch(index_observations(data.observations, rows), actions, data.old_log_prob[rows], advantages)
 
+    def _distribution(self, batch: PolicyBatch) -> Distribution:
+        """The current policy's action distribution on the batch."""
+        return self.policy.get_distribution(batch.observations)  # type: ignore[operator]
+
+    def _mean_kl(self, old: Distribution, new: Distribution, batch: PolicyBatch) -> th.Tensor:
+        """Mean ``KL(pi_old || pi_new)`` over the batch, averaged over terms as SB3's ``kl_divergence`` gives them."""
+        return kl_divergence(old, new).mean()
+
     def _surrogate(self, distribution: Distribution, batch: PolicyBatch) -> th.Tensor:
+        """Importance-sampled surrogate ``E[ratio * A]``."""
         ratio = th.exp(distribution.log_prob(batch.actions) - batch.old_log_prob)
         return (batch.advantages * ratio).mean()
 
     def _policy_step(self, batch: PolicyBatch, update: int) -> PolicyStepStats:
         """Natural-gradient direction by CG, scaled to the trust region, applied by :meth:`_take_step`."""
         with th.no_grad():
-            old_distribution = copy.copy(self.policy.get_distribution(batch.observations))
+            old_distribution = copy.copy(self._distribution(batch))
             entropy = old_distribution.entropy()
-        distribution = self.policy.get_distribution(batch.observations)
+        distribution = self._distribution(batch)
         objective = self._surrogate(distribution, batch)
         gradient = flatten(th.autograd.grad(objective, self.actor_parameters, retain_graph=True))
         if not th.isfinite(gradient).all():
@@ -326,9 +337,9 @@ class NPG(OnPolicyAlgorithm):
         def evaluate(fraction: float) -> tuple[float, float]:
             set_fraction(fraction)
             with th.no_grad():
-                candidate = self.policy.get_distribution(batch.observations)
+                candidate = self._distribution(batch)
                 new_objective = self._surrogate(candidate, batch).item()
-                kl = kl_divergence(old_distribution, candidate).mean().item()
+                kl = self._mean_kl(old_distribution, candidate, batch).item()
             return new_objective, kl
 
         def restore() -> None:
@@ -365,16 +376,15 @@ class NPG(OnPolicyAlgorithm):
         closed_form = fisher_product(distribution)
         if self.fisher_vector_product == "analytic" and parameters is not None and closed_form is not None:
             named = {name: param for name, param in self.policy.named_parameters() if _contains(self.actor_parameters, param)}
-            module = _DistributionParameters(self.policy)
-            observations = batch.observations
+            module = _DistributionParameters(self.policy, lambda: self._distribution(batch))
 
             def forward(params: dict[str, th.Tensor]) -> tuple[th.Tensor, ...]:
                 prefixed = {f"policy.{name}": value for name, value in params.items()}
-                return th.func.functional_call(module, prefixed, (observations,))
+                return th.func.functional_call(module, prefixed, ())
 
             n_terms = len(batch.advantages) * kl_terms_per_sample(distribution)
             return analytic_fisher_vector_product(forward, named, closed_form, n_terms)
-        kl = kl_divergence(old_distribution, distribution).mean()
+        kl = self._mean_kl(old_distribution, distribution, batch)
         return kl_hessian_vector_product(kl, self.actor_parameters)
 
     def _fit_critic(self, update: int) -> float:
@@ -450,14 +460,18 @@ class NPG(OnPolicyAlgorithm):
 
 
 class _DistributionParameters(nn.Module):
-    """Module whose forward returns the policy's distribution parameters (for ``functional_call``)."""
+    """Module whose forward returns the distribution parameters (for ``functional_call``).
 
-    def __init__(self, policy: BasePolicy):
+    ``functional_call`` swaps the parameters of ``policy``, which ``distribution`` uses.
+    """
+
+    def __init__(self, policy: BasePolicy, distribution: Callable[[], Distribution]):
         super().__init__()
         self.policy = policy
+        self.distribution = distribution
 
-    def forward(self, observations: PyTorchObs) -> tuple[th.Tensor, ...]:
-        parameters = distribution_parameters(self.policy.get_distribution(observations))  # type: ignore[operator]
+    def forward(self) -> tuple[th.Tensor, ...]:
+        parameters = distribution_parameters(self.distribution())
         assert parameters is not None
         return parameters
 
