@@ -71,6 +71,6 @@ def _masked_categorical_logits(distribution: Distribution) -> tuple[th.Tensor, .
         return None
     if not isinstance(distribution, MaskableDistribution):
         return None
-    inner = distribution.distribution
-    categoricals = inner if isinstance(inner, list) else [inner]
+    # MaskableMultiCategoricalDistribution (and its Bernoulli subclass) keeps a list under another name.
+    categoricals = getattr(distribution, "distributions", None) or [distribution.distribution]
     return tuple(categorical.logits for categorical in categoricals)

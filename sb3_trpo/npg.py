@@ -281,7 +281,10 @@ class NPG(OnPolicyAlgorithm):
     def _policy_batch(self) -> PolicyBatch:
         # The buffer yields the whole rollout at once, in a random order.
         (data,) = list(self.rollout_buffer.get(batch_size=None))
-        rows = slice(None, None, self.sub_sampling_factor)
+        return self._batch_from_samples(data, slice(None, None, self.sub_sampling_factor))
+
+    def _batch_from_samples(self, data: Any, rows: slice) -> PolicyBatch:
+        """The ``rows`` of the buffer's samples ``data`` as a batch (variants add the fields they store)."""
         actions = data.actions[rows]
         if isinstance(self.action_space, spaces.Discrete):
             actions = actions.long().flatten()
@@ -297,6 +300,10 @@ class NPG(OnPolicyAlgorithm):
     def _mean_kl(self, old: Distribution, new: Distribution, batch: PolicyBatch) -> th.Tensor:
         """Mean ``KL(pi_old || pi_new)`` over the batch, averaged over terms as SB3's ``kl_divergence`` gives them."""
         return kl_divergence(old, new).mean()
+
+    def _mean_entropy(self, entropy: th.Tensor, batch: PolicyBatch) -> float:
+        """Mean entropy of the old policy over the batch, for the logger."""
+        return entropy.mean().item()
 
     def _surrogate(self, distribution: Distribution, batch: PolicyBatch) -> th.Tensor:
         """Importance-sampled surrogate ``E[ratio * A]``."""
@@ -321,7 +328,7 @@ class NPG(OnPolicyAlgorithm):
         objective_before = objective.item()
         max_step = max_step_size(search_direction, fisher(search_direction), self.target_kl)
         full_step = max_step * search_direction
-        entropy_value = None if entropy is None else entropy.mean().item()
+        entropy_value = None if entropy is None else self._mean_entropy(entropy, batch)
         if max_step == 0.0 or not th.isfinite(full_step).all():
             no_step = LineSearchResult(False, 0.0, 0, objective_before, 0.0)
             return PolicyStepStats(objective_before, no_step, cg.residual_norm, cg.n_iterations, 0.0, 0.0, 0.0, entropy_value, skipped=True)
