@@ -1,0 +1,281 @@
+"""Aggregate the run files of the returns benchmark into a Markdown table and a learning-curve plot.
+
+``python -m sb3_trpo.benchmark report --results-dir benchmark_results/returns --output REPORT.md --plot returns.png``
+
+Definitions (per implementation and environment, over the seeds found):
+
+- *final*: the last evaluation of each run (the policy ``learn()`` returned); mean ± std over seeds.
+- *best*: the highest evaluation of each run; mean ± std over seeds.
+- std is the population standard deviation (``ddof=0``, as rl-zoo3's plots use); it is 0 for one seed.
+- *collapses*: evaluations, summed over seeds, whose return ``r`` is more than 30% below the best
+  return ``b`` of the earlier evaluations of the same run, measured on the magnitude of ``b``:
+  ``r < b - 0.3 * |b|``. For a positive best this is ``r < 0.7 b``; for a negative best it is
+  ``r < 1.3 b`` (from -100, a fall below -130); for a best of exactly 0 any negative return counts.
+  The first evaluation never counts. Shown as ``collapses / evaluations``.
+- *failed line searches*: updates whose line search found no acceptable step, over all updates of all seeds.
+- *steps/s*: environment steps per second of training, evaluation time excluded; mean over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COLLAPSE_DROP = 0.3
+IMPL_ORDER = ("sb3_trpo", "sb3_contrib")
+
+
+@dataclass
+class Summary:
+    """The table row of one implementation on one environment."""
+
+    env_id: str
+    impl: str
+    n_seeds: int
+    timesteps: list[int]
+    final_mean: float
+    final_std: float
+    best_mean: float
+    best_std: float
+    collapses: int
+    evaluations: int
+    line_search_failures: int
+    updates: int
+    steps_per_second: float | None
+
+    @property
+    def failure_fraction(self) -> float | None:
+        return self.line_search_failures / self.updates if self.updates else None
+
+
+def collapse_count(returns: Sequence[float], drop: float = COLLAPSE_DROP) -> int:
+    """Evaluations whose return is more than ``drop`` (a fraction of its magnitude) below the best earlier one."""
+    count = 0
+    best = -float("inf")
+    for index, value in enumerate(returns):
+        if index > 0 and value < best - drop * abs(best):
+            count += 1
+        best = max(best, value)
+    return count
+
+
+def load_results(results_dir: Path) -> list[dict[str, Any]]:
+    """Every complete run record in ``results_dir`` (temporary and lock files are skipped)."""
+    records = []
+    for path in sorted(results_dir.glob("*.json")):
+        if path.name.startswith("."):
+            continue
+        try:
+            record = json.loads(path.read_text())
+        except ValueError:
+            print(f"skipping unreadable {path}", file=sys.stderr)
+            continue
+        if isinstance(record, dict) and record.get("complete") is True and record["evaluation"]["mean"]:
+            records.append(record)
+    return records
+
+
+def _impl_key(impl: str) -> tuple[int, str]:
+    return (IMPL_ORDER.index(impl) if impl in IMPL_ORDER else len(IMPL_ORDER), impl)
+
+
+def group(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Records by (env, impl), envs in order of first appearance, implementations sb3_trpo first, seeds sorted."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    envs = list(dict.fromkeys(record["env_id"] for record in records))
+    for record in records:
+        groups.setdefault((record["env_id"], record["impl"]), []).append(record)
+    ordered = sorted(groups, key=lambda key: (envs.index(key[0]), _impl_key(key[1])))
+    return {key: sorted(groups[key], key=lambda record: record["seed"]) for key in ordered}
+
+
+def summarize(env_id: str, impl: str, runs: Sequence[dict[str, Any]]) -> Summary:
+    curves = [np.asarray(run["evaluation"]["mean"], dtype=float) for run in runs]
+    finals = np.array([curve[-1] for curve in curves])
+    bests = np.array([curve.max() for curve in curves])
+    speeds = [run["steps_per_second"] for run in runs if run.get("steps_per_second") is not None]
+    return Summary(
+        env_id=env_id,
+        impl=impl,
+        n_seeds=len(runs),
+        timesteps=sorted({int(run["total_timesteps"]) for run in runs}),
+        final_mean=float(finals.mean()),
+        final_std=float(finals.std()),
+        best_mean=float(bests.mean()),
+        best_std=float(bests.std()),
+        collapses=sum(collapse_count(curve.tolist()) for curve in curves),
+        evaluations=sum(len(curve) for curve in curves),
+        line_search_failures=sum(int(run["line_search"]["n_failures"]) for run in runs),
+        updates=sum(int(run["line_search"]["n_updates"]) for run in runs),
+        steps_per_second=float(np.mean(speeds)) if speeds else None,
+    )
+
+
+def _steps(timesteps: list[int]) -> str:
+    def short(steps: int) -> str:
+        return f"{steps / 1e6:g}M" if steps >= 1_000_000 else f"{steps / 1e3:g}k" if steps >= 1000 else str(steps)
+
+    return "-".join(short(steps) for steps in (timesteps[0], timesteps[-1])) if len(timesteps) > 1 else short(timesteps[0])
+
+
+def markdown_table(summaries: Sequence[Summary]) -> str:
+    lines = [
+        "| env | impl | seeds | steps | final return | best return | collapses | failed line searches | steps/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in summaries:
+        fraction = row.failure_fraction
+        failures = "n/a" if fraction is None else f"{100 * fraction:.1f}% ({row.line_search_failures}/{row.updates})"
+        speed = "n/a" if row.steps_per_second is None else f"{row.steps_per_second:.0f}"
+        lines.append(
+            f"| {row.env_id} | {row.impl} | {row.n_seeds} | {_steps(row.timesteps)} "
+            f"| {row.final_mean:.1f} ± {row.final_std:.1f} | {row.best_mean:.1f} ± {row.best_std:.1f} "
+            f"| {row.collapses} / {row.evaluations} | {failures} | {speed} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def mean_curve(runs: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Timesteps, mean and std over runs of the evaluation curves (interpolated where the grids differ)."""
+    grids = [np.asarray(run["evaluation"]["timesteps"], dtype=float) for run in runs]
+    curves = [np.asarray(run["evaluation"]["mean"], dtype=float) for run in runs]
+    if all(len(grid) == len(grids[0]) and np.array_equal(grid, grids[0]) for grid in grids):
+        grid = grids[0]
+        stacked = np.stack(curves)
+    else:
+        start, stop = max(g[0] for g in grids), min(g[-1] for g in grids)
+        grid = np.unique(np.concatenate(grids))
+        grid = grid[(grid >= start) & (grid <= stop)]
+        stacked = np.stack([np.interp(grid, g, c) for g, c in zip(grids, curves, strict=True)])
+    return grid, stacked.mean(axis=0), stacked.std(axis=0)
+
+
+def plot_curves(groups: dict[tuple[str, str], list[dict[str, Any]]], path: Path) -> None:
+    """One panel per environment, every implementation in it: mean over seeds and a ± std band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    envs = list(dict.fromkeys(env for env, _ in groups))
+    columns = min(len(envs), 3)
+    rows = -(-len(envs) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
+    for axis, env_id in zip(axes.flat, envs, strict=False):
+        for (env, impl), runs in groups.items():
+            if env != env_id:
+                continue
+            grid, mean, std = mean_curve(runs)
+            (line,) = axis.plot(grid, mean, label=f"{impl} ({len(runs)} seeds)")
+            axis.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+        axis.set_title(env_id)
+        axis.set_xlabel("environment steps")
+        axis.set_ylabel("evaluation return")
+        axis.grid(alpha=0.3)
+        axis.legend(loc="lower right", fontsize="small")
+    for axis in list(axes.flat)[len(envs) :]:
+        axis.set_visible(False)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _versions(records: Sequence[dict[str, Any]]) -> str:
+    packages: dict[str, set[str]] = {}
+    for record in records:
+        for package, version in record.get("versions", {}).items():
+            packages.setdefault(package, set()).add(str(version))
+    return ", ".join(f"{package} {'/'.join(sorted(versions))}" for package, versions in packages.items())
+
+
+def _per_run_table(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
+    lines = [
+        "| env | impl | seed | steps | final | best | collapses | failed line searches | config entry | wall time |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for (env_id, impl), runs in groups.items():
+        for run in runs:
+            curve = run["evaluation"]["mean"]
+            search = run["line_search"]
+            lines.append(
+                f"| {env_id} | {impl} | {run['seed']} | {run['num_timesteps']} | {curve[-1]:.1f} | {max(curve):.1f} "
+                f"| {collapse_count(curve)} / {len(curve)} | {search['n_failures']}/{search['n_updates']} "
+                f"| {run['config']['entry']} | {run['wall_time_s'] / 60:.1f} min |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def render_report(
+    records: Sequence[dict[str, Any]], results_dir: Path, command: str, plot: str | None
+) -> tuple[str, dict[tuple[str, str], list[dict[str, Any]]]]:
+    groups = group(records)
+    summaries = [summarize(env, impl, runs) for (env, impl), runs in groups.items()]
+    evaluation = records[0]["evaluation"] if records else {}
+    parts = [
+        "# Returns benchmark",
+        "",
+        f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from {len(records)} run files "
+        f"in `{results_dir}` by `{command}`.",
+        f"Evaluation: deterministic policy, {evaluation.get('episodes', '?')} episodes every "
+        f"{evaluation.get('freq', '?')} steps and after the last update, on a separate environment "
+        "with the training VecNormalize statistics, frozen.",
+        "",
+        markdown_table(summaries),
+        "final/best: mean ± std (population, ddof=0) over seeds of the last/highest evaluation of each run. "
+        "collapses: evaluations more than 30% below the best earlier evaluation of the same run "
+        "(`r < b - 0.3|b|`), over all evaluations. failed line searches: updates whose line search "
+        "accepted no step. steps/s: training only, evaluation excluded.",
+        "",
+    ]
+    if plot is not None:
+        parts += [f"![learning curves]({plot})", ""]
+    parts += ["## Runs", "", _per_run_table(groups), f"Versions: {_versions(records)}.", ""]
+    return "\n".join(parts), groups
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m sb3_trpo.benchmark report",
+        description="Aggregate the returns benchmark's run files into a Markdown table and a learning-curve PNG.",
+    )
+    parser.add_argument("--results-dir", default="benchmark_results/returns")
+    parser.add_argument("--output", default=None, help="Markdown file (default: print to stdout)")
+    parser.add_argument("--plot", default=None, help="PNG of the learning curves (default: none)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    results_dir = Path(args.results_dir)
+    records = load_results(results_dir)
+    if not records:
+        print(f"no complete run files in {results_dir}", file=sys.stderr)
+        return 1
+    plot_link = None
+    if args.plot is not None:
+        plot = Path(args.plot)
+        base = Path(args.output).resolve().parent if args.output else Path.cwd()
+        try:
+            plot_link = str(plot.resolve().relative_to(base))
+        except ValueError:
+            plot_link = str(plot.resolve())
+    command = " ".join(["python -m sb3_trpo.benchmark report", *argv])
+    text, groups = render_report(records, results_dir, command, plot_link)
+    if args.plot is not None:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        plot_curves(groups, Path(args.plot))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text)
+    else:
+        print(text)
+    return 0

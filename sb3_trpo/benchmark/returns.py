@@ -1,0 +1,461 @@
+"""Returns benchmark: train TRPO implementations on environments and seeds, one JSON per run.
+
+``python -m sb3_trpo.benchmark returns --envs Hopper-v5 HalfCheetah-v5 --seeds 0 1 2 --compare sb3_contrib``
+
+Hyperparameters come from an rl-zoo3 YAML file (``sb3_trpo/zoo_configs/trpo.yml`` when it
+exists, else rl-zoo3's own ``hyperparams/trpo.yml``); an environment without an entry of its
+own uses the entry of the same task with the highest lower version (``Hopper-v4`` for
+``Hopper-v5``), then ``default``. rl-zoo3's :class:`ExperimentManager` turns the entry into
+constructor arguments and environments (schedules such as ``lin_1e-3``, ``normalize``,
+``n_envs``, ``policy_kwargs`` strings, wrappers), exactly as ``rl_zoo3.train`` does.
+
+Every ``--eval-freq`` environment steps, and once more on the final policy, the policy is
+evaluated deterministically on a separate environment whose ``VecNormalize`` statistics are
+copied from the training environment and frozen (SB3's ``EvalCallback``).
+
+Each run writes ``<results-dir>/<env>__<impl>__seed<seed>.json`` atomically (temporary file,
+then rename), so a file that exists is complete and an interrupted campaign resumes by
+running the command again. Several processes, on one machine or sharing a file system, can
+work on the same results directory: a run is claimed by creating ``<run>.lock`` with
+``O_CREAT | O_EXCL``, and removed when the run ends, whether it succeeded or failed.
+A lock is stale when it names this host and a process id that no longer exists (the worker
+was killed); such a lock is reclaimed automatically. A lock written by another host is never
+broken automatically: delete it by hand once that host's worker is known to be gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.metadata
+import inspect
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
+
+IMPLEMENTATIONS = {"sb3_trpo": "sb3_trpo:TRPO", "sb3_contrib": "sb3_contrib:TRPO"}
+PACKAGES = ("sb3_trpo", "stable_baselines3", "sb3_contrib", "rl_zoo3", "torch", "gymnasium", "mujoco", "numpy")
+RESULT_FORMAT = 1
+LINE_SEARCH_KEY = "train/is_line_search_success"
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One (implementation, environment, seed) run of a campaign."""
+
+    impl: str
+    env_id: str
+    seed: int
+    timesteps: int | None
+    config: str
+    eval_freq: int
+    eval_episodes: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.env_id}__{self.impl}__seed{self.seed}"
+
+
+# ---------------------------------------------------------------------- config
+def default_config() -> Path:
+    """The package's tuned ``zoo_configs/trpo.yml``, or rl-zoo3's ``trpo.yml`` until it exists."""
+    packaged = Path(__file__).resolve().parent.parent / "zoo_configs" / "trpo.yml"
+    if packaged.is_file():
+        return packaged
+    import rl_zoo3
+
+    return Path(rl_zoo3.__file__).resolve().parent / "hyperparams" / "trpo.yml"
+
+
+def entry_for_env(table: dict[str, Any], env_id: str) -> str:
+    """The key of ``table`` that configures ``env_id``: itself, the same task at the highest lower version, or ``default``."""
+    if env_id in table:
+        return env_id
+    task, separator, version = env_id.rpartition("-v")
+    if separator and version.isdigit():
+        for older in range(int(version) - 1, -1, -1):
+            if f"{task}-v{older}" in table:
+                return f"{task}-v{older}"
+    if "default" in table:
+        return "default"
+    raise KeyError(f"no entry for {env_id} (nor an older version of it, nor 'default') in the config")
+
+
+def load_hyperparams(config: str | Path, env_id: str) -> tuple[str, dict[str, Any]]:
+    """The entry name and the raw (unprocessed, JSON-compatible) hyperparameters for ``env_id``."""
+    with open(config) as file:
+        table = yaml.safe_load(file)
+    entry = entry_for_env(table, env_id)
+    return entry, dict(table[entry])
+
+
+def algorithm_class(impl: str) -> type[BaseAlgorithm]:
+    module, _, name = IMPLEMENTATIONS[impl].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    versions["sb3_trpo_git"] = source_revision()
+    return versions
+
+
+def source_revision() -> str | None:
+    """The git commit of the sb3_trpo sources, ``+dirty`` when they have uncommitted changes; None outside git."""
+    package = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "status", "--porcelain", "--", "."], cwd=package, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{commit}+dirty" if changes else commit
+
+
+# ------------------------------------------------------------------- callbacks
+class LineSearchRecorder(BaseCallback):
+    """Collects the ``train/is_line_search_success`` value that each update records in the logger.
+
+    ``train()`` runs after the rollout and the logs are dumped before the next ``train()``,
+    so the value read at the start of each rollout (and at the end of training) is the one
+    the latest update recorded, read exactly once per update.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.successes: list[float] = []
+        self._seen_updates = 0
+
+    def _collect(self) -> None:
+        n_updates = int(getattr(self.model, "_n_updates", 0))
+        value = self.model.logger.name_to_value.get(LINE_SEARCH_KEY)
+        if n_updates > self._seen_updates and value is not None:
+            self.successes.append(float(value))
+        self._seen_updates = n_updates
+
+    def _on_rollout_start(self) -> None:
+        self._collect()
+
+    def _on_training_end(self) -> None:
+        self._collect()
+
+    def _on_step(self) -> bool:
+        return True
+
+
+class FinalEvalCallback(EvalCallback):
+    """``EvalCallback`` that also evaluates the policy ``learn()`` returns, and times its evaluations."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.eval_seconds = 0.0
+
+    def _on_step(self) -> bool:
+        start = time.perf_counter()
+        result = super()._on_step()
+        self.eval_seconds += time.perf_counter() - start
+        return result
+
+    def _on_training_end(self) -> None:
+        if not self.evaluations_timesteps or self.evaluations_timesteps[-1] != self.num_timesteps:
+            # An eval_freq of 1 makes the parent evaluate on this call.
+            eval_freq, self.eval_freq = self.eval_freq, 1
+            self._on_step()
+            self.eval_freq = eval_freq
+
+
+# ------------------------------------------------------------------------ runs
+def train_and_evaluate(spec: RunSpec) -> dict[str, Any]:
+    """Train one run and return its result record (not written anywhere)."""
+    from rl_zoo3.exp_manager import ExperimentManager
+
+    entry, raw = load_hyperparams(spec.config, spec.env_id)
+    timesteps = int(spec.timesteps if spec.timesteps is not None else raw.get("n_timesteps", 1e6))
+    # The experiment manager only reads the log folder to number its runs; nothing is written there.
+    manager = ExperimentManager(
+        argparse.Namespace(),
+        "trpo",
+        spec.env_id,
+        log_folder=os.devnull,
+        n_timesteps=timesteps,
+        seed=spec.seed,
+        verbose=0,
+        config=spec.config,
+    )
+    hyperparams = {**raw, "n_timesteps": timesteps}
+    kwargs, manager.env_wrapper, _, manager.vec_env_wrapper = manager._preprocess_hyperparams(hyperparams)
+    cls = algorithm_class(spec.impl)
+    accepted = inspect.signature(cls.__init__).parameters
+    dropped = sorted(key for key in kwargs if key not in accepted)
+    kwargs = {key: value for key, value in kwargs.items() if key in accepted}
+
+    env = manager.create_envs(manager.n_envs, no_log=True)
+    eval_env = manager.create_envs(1, eval_env=True)
+    model = cls(env=env, seed=spec.seed, verbose=0, device="cpu", **kwargs)
+    line_search = LineSearchRecorder()
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    # EvalCallback keeps its curve only when it also saves it to a file.
+    with tempfile.TemporaryDirectory() as log_path:
+        evaluation = FinalEvalCallback(
+            eval_env,
+            n_eval_episodes=spec.eval_episodes,
+            eval_freq=max(spec.eval_freq // manager.n_envs, 1),
+            log_path=log_path,
+            deterministic=True,
+            verbose=0,
+        )
+        start = time.perf_counter()
+        # The recorder comes first: each evaluation dumps (and so clears) the logger.
+        model.learn(total_timesteps=timesteps, callback=[line_search, evaluation])
+        wall_time = time.perf_counter() - start
+    env.close()
+    eval_env.close()
+
+    results = np.asarray(evaluation.evaluations_results, dtype=float)
+    lengths = np.asarray(evaluation.evaluations_length, dtype=float)
+    failures = sum(1 for success in line_search.successes if success < 1.0)
+    n_updates = len(line_search.successes)
+    train_time = wall_time - evaluation.eval_seconds
+    return {
+        "format": RESULT_FORMAT,
+        "complete": True,
+        "impl": spec.impl,
+        "algorithm": f"{cls.__module__}.{cls.__qualname__}",
+        "env_id": spec.env_id,
+        "seed": spec.seed,
+        "total_timesteps": timesteps,
+        "num_timesteps": int(model.num_timesteps),
+        "config": {
+            "path": str(spec.config),
+            "entry": entry,
+            "hyperparams": raw,
+            "dropped_for_impl": dropped,
+        },
+        "evaluation": {
+            "freq": spec.eval_freq,
+            "episodes": spec.eval_episodes,
+            "deterministic": True,
+            "timesteps": [int(t) for t in evaluation.evaluations_timesteps],
+            "mean": results.mean(axis=1).tolist() if results.size else [],
+            "std": results.std(axis=1).tolist() if results.size else [],
+            "episode_length_mean": lengths.mean(axis=1).tolist() if lengths.size else [],
+        },
+        "line_search": {
+            "n_updates": n_updates,
+            "n_failures": failures,
+            "failure_fraction": failures / n_updates if n_updates else None,
+        },
+        "wall_time_s": wall_time,
+        "eval_time_s": evaluation.eval_seconds,
+        "steps_per_second": model.num_timesteps / train_time if train_time > 0 else None,
+        "versions": package_versions(),
+        "host": socket.gethostname(),
+        "started_at": started_at,
+    }
+
+
+def result_path(results_dir: Path, spec: RunSpec) -> Path:
+    return results_dir / f"{spec.name}.json"
+
+
+def is_complete(path: Path) -> bool:
+    """Whether ``path`` holds a finished run (files are renamed into place only when complete)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("complete") is True
+
+
+def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------- locks
+def _lock_owner() -> str:
+    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
+
+
+def _is_stale(content: str) -> bool:
+    """A lock is stale when it was taken on this host by a process that no longer exists."""
+    try:
+        owner = json.loads(content)
+        host, pid = owner["host"], int(owner["pid"])
+    except (ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def try_lock(lock: Path) -> bool:
+    """Claim ``lock`` (create it exclusively); reclaim it once if it is stale. True when claimed."""
+    for _ in range(2):
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                content = lock.read_text()
+            except FileNotFoundError:
+                continue
+            if not _is_stale(content):
+                return False
+            # Move the stale lock aside before deleting it, so that a lock another worker
+            # created in the meantime is put back instead of being deleted.
+            aside = lock.with_name(f"{lock.name}.stale.{os.getpid()}")
+            try:
+                os.replace(lock, aside)
+            except FileNotFoundError:
+                continue
+            if aside.read_text() != content:
+                with contextlib.suppress(FileExistsError):
+                    os.link(aside, lock)
+            aside.unlink()
+            continue
+        with os.fdopen(descriptor, "w") as file:
+            file.write(_lock_owner())
+        return True
+    return False
+
+
+def execute(spec: RunSpec, results_dir: Path) -> str:
+    """Run ``spec`` unless it is complete or claimed by another worker; returns what happened."""
+    path = result_path(results_dir, spec)
+    if is_complete(path):
+        return "done"
+    lock = path.with_name(path.name + ".lock")
+    if not try_lock(lock):
+        return "locked"
+    try:
+        if is_complete(path):  # finished by another worker between the check and the claim
+            return "done"
+        write_json_atomic(path, train_and_evaluate(spec))
+        return "trained"
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _init_worker() -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _execute_in_worker(spec: RunSpec, results_dir: str) -> str:
+    start = time.perf_counter()
+    try:
+        status = execute(spec, Path(results_dir))
+    except Exception as error:
+        print(f"[{spec.name}] failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
+        return "failed"
+    if status == "trained":
+        print(f"[{spec.name}] trained in {time.perf_counter() - start:.0f} s", flush=True)
+    return status
+
+
+def run_campaign(specs: Sequence[RunSpec], results_dir: Path, jobs: int) -> dict[str, list[str]]:
+    """Run every incomplete, unclaimed spec, ``jobs`` at a time, each in a fresh one-thread process."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    outcome: dict[str, list[str]] = {"done": [], "trained": [], "locked": [], "failed": []}
+    pending = []
+    for spec in specs:
+        if is_complete(result_path(results_dir, spec)):
+            outcome["done"].append(spec.name)
+        else:
+            pending.append(spec)
+    if pending:
+        with ProcessPoolExecutor(
+            max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker, max_tasks_per_child=1
+        ) as pool:
+            futures = {spec.name: pool.submit(_execute_in_worker, spec, str(results_dir)) for spec in pending}
+            for name, future in futures.items():
+                outcome[future.result()].append(name)
+    return outcome
+
+
+# ------------------------------------------------------------------------- CLI
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m sb3_trpo.benchmark returns",
+        description="Train TRPO implementations on environments x seeds; one JSON per run in --results-dir.",
+    )
+    parser.add_argument("--envs", nargs="+", default=["Hopper-v5", "HalfCheetah-v5"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--impl", nargs="+", choices=sorted(IMPLEMENTATIONS), default=["sb3_trpo"], help="implementations to train"
+    )
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        choices=sorted(IMPLEMENTATIONS),
+        default=[],
+        help="implementations to train as well, for comparison (--compare sb3_contrib trains both)",
+    )
+    parser.add_argument("--timesteps", type=int, default=None, help="steps per run (default: the config's n_timesteps)")
+    parser.add_argument("--config", default=None, help="rl-zoo3 YAML (default: sb3_trpo/zoo_configs/trpo.yml)")
+    parser.add_argument("--results-dir", default="benchmark_results/returns")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, each a one-thread process")
+    parser.add_argument("--eval-freq", type=int, default=20_000, help="environment steps between evaluations")
+    parser.add_argument("--eval-episodes", type=int, default=10)
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    config = str(Path(args.config) if args.config else default_config())
+    impls = list(dict.fromkeys([*args.impl, *args.compare]))
+    specs = [
+        RunSpec(impl, env_id, seed, args.timesteps, config, args.eval_freq, args.eval_episodes)
+        # Seed-major order: a campaign stopped early holds whole seeds of every env and impl.
+        for seed in args.seeds
+        for env_id in args.envs
+        for impl in impls
+    ]
+    print(f"{len(specs)} runs, config {config}, results in {args.results_dir}", flush=True)
+    outcome = run_campaign(specs, Path(args.results_dir), args.jobs)
+    print(", ".join(f"{status}: {len(names)}" for status, names in outcome.items()), flush=True)
+    for status in ("locked", "failed"):
+        for name in outcome[status]:
+            print(f"  {status}: {name}")
+    return 1 if outcome["failed"] else 0
+
+
+__all__ = ["RunSpec", "main", "run_campaign", "train_and_evaluate"]
