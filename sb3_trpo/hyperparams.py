@@ -1,0 +1,182 @@
+"""Optuna search spaces for NPG and TRPO, and the way back from a trial to a config entry.
+
+The samplers have rl-zoo3's signature ``(trial, n_actions, n_envs, additional_args) -> dict``
+and return constructor arguments. Every trial also carries, as user attributes, the
+rl-zoo3 config entry its parameters stand for, so the best trial of a study is a config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+if TYPE_CHECKING:
+    import optuna
+
+# Actor and critic get the same hidden layers (``net_arch=dict(pi=..., vf=...)``).
+NET_ARCHS: dict[str, list[int]] = {"tiny": [64], "small": [64, 64], "medium": [256, 256]}
+ACTIVATION_FNS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
+
+# Sampled parameters stored as exponents or complements, and the hyperparameter each gives.
+_POWERS_OF_TWO = {"n_steps_pow": "n_steps", "batch_size_pow": "batch_size"}
+_COMPLEMENTS = {"one_minus_gamma": "gamma", "one_minus_gae_lambda": "gae_lambda"}
+_POLICY_PARAMS = ("net_arch", "activation_fn", "log_std_init", "ortho_init")
+
+
+def sample_npg_params(trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
+    """
+    Sample NPG hyperparameters: the natural-gradient step, rollout and GAE, the critic, the network.
+
+    :param trial: the Optuna trial to sample from
+    :param n_actions: dimension of a ``Box`` action space, 0 for other spaces (no ``log_std_init`` then)
+    :param n_envs: number of parallel environments (the rollout holds ``n_steps * n_envs`` samples)
+    :param additional_args: rl-zoo3's extra sampler arguments, unused
+    :return: keyword arguments for :class:`sb3_trpo.NPG`
+    """
+    _suggest_natural_gradient(trial, n_actions)
+    return _store_config_entry(trial)
+
+
+def sample_trpo_params(trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
+    """
+    Sample TRPO hyperparameters: those of :func:`sample_npg_params` (same arguments)
+    plus the backtracking line search.
+
+    :return: keyword arguments for :class:`sb3_trpo.TRPO`
+    """
+    _suggest_natural_gradient(trial, n_actions)
+    trial.suggest_float("line_search_shrinking_factor", 0.5, 0.9)
+    trial.suggest_int("line_search_max_iter", 5, 20)
+    return _store_config_entry(trial)
+
+
+def _suggest_natural_gradient(trial: optuna.Trial, n_actions: int) -> None:
+    # The trust region delta and the conjugate-gradient solve of F s = g.
+    trial.suggest_float("target_kl", 1e-3, 0.1, log=True)
+    trial.suggest_int("cg_max_steps", 5, 30)
+    trial.suggest_float("cg_damping", 1e-3, 0.5, log=True)
+    # Rollout of 32 to 2048 steps per environment; gamma in [0.9, 0.9999], lambda in [0.8, 0.999].
+    trial.suggest_int("n_steps_pow", 5, 11)
+    trial.suggest_float("one_minus_gamma", 1e-4, 0.1, log=True)
+    trial.suggest_float("one_minus_gae_lambda", 1e-3, 0.2, log=True)
+    # The critic's regression: Adam step size, epochs over the rollout, minibatch of 32 to 1024.
+    trial.suggest_float("learning_rate", 1e-5, 1e-2, log=True)
+    trial.suggest_int("n_critic_updates", 5, 30)
+    trial.suggest_int("batch_size_pow", 5, 10)
+    trial.suggest_categorical("net_arch", list(NET_ARCHS))
+    trial.suggest_categorical("activation_fn", list(ACTIVATION_FNS))
+    trial.suggest_categorical("ortho_init", [True, False])
+    if n_actions > 0:
+        trial.suggest_float("log_std_init", -3.0, 1.0)
+
+
+def _store_config_entry(trial: optuna.Trial) -> dict[str, Any]:
+    for name, value in config_entry(trial.params).items():
+        trial.set_user_attr(name, value)
+    return convert_params(trial.params)
+
+
+def _scalar_hyperparams(params: Mapping[str, Any]) -> dict[str, Any]:
+    hyperparams: dict[str, Any] = {}
+    for name, value in params.items():
+        if name in _POWERS_OF_TWO:
+            hyperparams[_POWERS_OF_TWO[name]] = 2**value
+        elif name in _COMPLEMENTS:
+            hyperparams[_COMPLEMENTS[name]] = 1 - value
+        elif name not in _POLICY_PARAMS:
+            hyperparams[name] = value
+    return hyperparams
+
+
+def _policy_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
+    layers = NET_ARCHS[params["net_arch"]]
+    policy_kwargs: dict[str, Any] = {
+        "net_arch": {"pi": list(layers), "vf": list(layers)},
+        "activation_fn": ACTIVATION_FNS[params["activation_fn"]],
+        "ortho_init": params["ortho_init"],
+    }
+    if "log_std_init" in params:
+        policy_kwargs["log_std_init"] = params["log_std_init"]
+    return policy_kwargs
+
+
+def convert_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    Constructor arguments for the sampled parameters of a trial (``trial.params``).
+
+    :param params: parameters as :func:`sample_trpo_params` or :func:`sample_npg_params` sampled them
+    :return: keyword arguments for :class:`sb3_trpo.TRPO` (or :class:`sb3_trpo.NPG`)
+    """
+    return {**_scalar_hyperparams(params), "policy_kwargs": _policy_kwargs(params)}
+
+
+def config_entry(params: Mapping[str, Any], **fixed: Any) -> dict[str, Any]:
+    """
+    The rl-zoo3 config entry (YAML-ready values) for the sampled parameters of a trial.
+
+    Registered as rl-zoo3's hyperparameter converter, which ``--trial-id`` uses.
+
+    ``policy_kwargs`` is the string that rl-zoo3 evaluates, e.g.
+    ``"dict(net_arch=dict(pi=[64, 64], vf=[64, 64]), activation_fn=nn.Tanh, ortho_init=True)"``.
+
+    :param params: parameters as :func:`sample_trpo_params` or :func:`sample_npg_params` sampled them
+    :param fixed: entries that were not tuned (``n_envs``, ``n_timesteps``, ``policy``, ``normalize``, ...);
+        they come first in the entry
+    :return: the config entry, keys in the order the hyperparameters were sampled
+    """
+    policy_kwargs = ", ".join(f"{name}={_python_source(value)}" for name, value in _policy_kwargs(params).items())
+    return {**fixed, **_scalar_hyperparams(params), "policy_kwargs": f"dict({policy_kwargs})"}
+
+
+def _python_source(value: Any) -> str:
+    """Source text that rl-zoo3's ``eval`` of ``policy_kwargs`` (with ``nn`` in scope) turns back into ``value``."""
+    if isinstance(value, dict):
+        return "dict(" + ", ".join(f"{key}={_python_source(item)}" for key, item in value.items()) + ")"
+    if isinstance(value, type) and issubclass(value, nn.Module):
+        return f"nn.{value.__name__}"
+    return repr(value)
+
+
+def check_storage(url: str | None) -> None:
+    """
+    Raise a ``ValueError`` naming the problem unless ``url`` is a storage Optuna can open.
+
+    Connects once and disconnects without writing, so that bad input stops a run before
+    any training and leaves an existing study as it was. ``None`` (in-memory) and
+    rl-zoo3's journal files (``*.log``) need no check.
+
+    :param url: SQLAlchemy URL of the Optuna RDB storage, e.g. ``sqlite:///study.db``
+        or ``postgresql://user:password@host/database``
+    """
+    if url is None or url.endswith(".log"):
+        return
+    import sqlalchemy
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+    try:
+        parsed = sqlalchemy.make_url(url)
+    except ArgumentError as error:
+        raise ValueError(
+            f"malformed storage URL {url!r} ({error}); expected e.g. sqlite:///study.db or postgresql://user@host/db"
+        ) from error
+    shown = parsed.render_as_string(hide_password=True)
+    # A black-holed host would otherwise wait for the operating system's TCP timeout.
+    connect_args = {} if parsed.get_backend_name() == "sqlite" else {"connect_timeout": 10}
+    try:
+        engine = sqlalchemy.create_engine(parsed, connect_args=connect_args)
+    except NoSuchModuleError as error:
+        raise ValueError(f"storage URL {shown!r} names an unknown database {parsed.drivername!r}") from error
+    except ArgumentError as error:
+        raise ValueError(f"malformed storage URL {shown!r}: {error}") from error
+    except ImportError as error:
+        raise ValueError(f"storage URL {shown!r} needs a database driver that is not installed: {error}") from error
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as error:
+        reason = str(getattr(error, "orig", None) or error).strip()
+        raise ValueError(f"cannot reach storage {shown!r}: {reason}") from error
+    finally:
+        engine.dispose()

@@ -1,0 +1,157 @@
+"""The Optuna search spaces: every sampled configuration trains, and a trial turns back into a config."""
+
+from __future__ import annotations
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import optuna
+import pytest
+import torch as th
+from stable_baselines3.common.env_util import make_vec_env
+from torch import nn
+
+from sb3_trpo import NPG, TRPO
+from sb3_trpo.hyperparams import (
+    ACTIVATION_FNS,
+    NET_ARCHS,
+    check_storage,
+    config_entry,
+    convert_params,
+    sample_npg_params,
+    sample_trpo_params,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+# Small rollouts keep one update cheap; every other sampled value is used as sampled.
+MAX_N_STEPS = 64
+TRPO_KNOBS = {
+    "target_kl",
+    "cg_max_steps",
+    "cg_damping",
+    "line_search_shrinking_factor",
+    "line_search_max_iter",
+    "n_steps",
+    "gamma",
+    "gae_lambda",
+    "learning_rate",
+    "n_critic_updates",
+    "batch_size",
+    "policy_kwargs",
+}
+
+
+def n_actions(env_id: str) -> int:
+    space = gym.spec(env_id).make().action_space
+    return space.shape[0] if isinstance(space, gym.spaces.Box) else 0
+
+
+def train_one_update(algorithm: type[NPG], env_id: str, hyperparams: dict) -> NPG:
+    hyperparams = {**hyperparams, "n_steps": min(hyperparams["n_steps"], MAX_N_STEPS)}
+    model = algorithm("MlpPolicy", make_vec_env(env_id, n_envs=1, seed=0), seed=0, device="cpu", **hyperparams)
+    model.learn(hyperparams["n_steps"])
+    return model
+
+
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
+def test_every_sampled_trpo_configuration_completes_an_update(env_id: str) -> None:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    sampled = []
+    for _ in range(15):
+        trial = study.ask()
+        hyperparams = sample_trpo_params(trial, n_actions(env_id), 1, {})
+        assert set(hyperparams) == TRPO_KNOBS
+        model = train_one_update(TRPO, env_id, hyperparams)
+        assert model._n_updates == 1
+        assert all(th.isfinite(param).all() for param in model.policy.parameters())
+        study.tell(trial, 0.0)
+        sampled.append(hyperparams)
+    # The draws spread over the space: both ends of the ranges and every choice occur.
+    assert min(h["n_steps"] for h in sampled) <= 64 and max(h["n_steps"] for h in sampled) >= 1024
+    assert min(h["gamma"] for h in sampled) < 0.99 < max(h["gamma"] for h in sampled) <= 0.9999
+    assert min(h["target_kl"] for h in sampled) < 0.01 < max(h["target_kl"] for h in sampled) <= 0.1
+    assert {h["policy_kwargs"]["activation_fn"] for h in sampled} == set(ACTIVATION_FNS.values())
+    assert {len(h["policy_kwargs"]["net_arch"]["pi"]) for h in sampled} == {1, 2}
+    assert {h["policy_kwargs"]["ortho_init"] for h in sampled} == {True, False}
+    gaussian = n_actions(env_id) > 0
+    assert all(("log_std_init" in h["policy_kwargs"]) == gaussian for h in sampled)
+
+
+def test_every_sampled_npg_configuration_completes_an_update() -> None:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=2))
+    for env_id in ("Pendulum-v1", "CartPole-v1") * 3:
+        trial = study.ask()
+        hyperparams = sample_npg_params(trial, n_actions(env_id), 1, {})
+        assert set(hyperparams) == TRPO_KNOBS - {"line_search_shrinking_factor", "line_search_max_iter"}
+        assert train_one_update(NPG, env_id, hyperparams)._n_updates == 1
+        study.tell(trial, 0.0)
+
+
+def test_best_trial_turns_into_the_config_it_was_trained_with() -> None:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3), direction="maximize")
+    returned = {}
+    for value in (1.0, 3.0, 2.0):
+        trial = study.ask()
+        returned[trial.number] = sample_trpo_params(trial, 1, 2, {})
+        study.tell(trial, value)
+    best = study.best_trial
+    assert best.number == 1
+    # From the stored parameters alone: the same constructor arguments as the sampler returned.
+    assert convert_params(best.params) == returned[1]
+    # The user attributes are the config entry, and rl-zoo3's eval of it gives the same network.
+    entry = config_entry(best.params, n_envs=2, policy="MlpPolicy")
+    assert best.user_attrs == config_entry(best.params)
+    assert list(entry)[:2] == ["n_envs", "policy"]
+    assert eval(entry["policy_kwargs"], {"nn": nn}) == returned[1]["policy_kwargs"]
+    assert entry["gamma"] == pytest.approx(1 - best.params["one_minus_gamma"])
+    assert entry["n_steps"] == 2 ** best.params["n_steps_pow"]
+
+
+def test_conversion_matches_hand_computed_values() -> None:
+    params = {
+        "target_kl": 0.02,
+        "n_steps_pow": 7,
+        "batch_size_pow": 6,
+        "one_minus_gamma": 0.01,
+        "one_minus_gae_lambda": 0.05,
+        "net_arch": "medium",
+        "activation_fn": "relu",
+        "ortho_init": False,
+    }
+    hyperparams = convert_params(params)
+    assert hyperparams["n_steps"] == 128 and hyperparams["batch_size"] == 64
+    assert math.isclose(hyperparams["gamma"], 0.99) and math.isclose(hyperparams["gae_lambda"], 0.95)
+    assert hyperparams["policy_kwargs"] == {
+        "net_arch": {"pi": NET_ARCHS["medium"], "vf": NET_ARCHS["medium"]},
+        "activation_fn": nn.ReLU,
+        "ortho_init": False,
+    }
+    assert config_entry(params)["policy_kwargs"] == (
+        "dict(net_arch=dict(pi=[256, 256], vf=[256, 256]), activation_fn=nn.ReLU, ortho_init=False)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("study.db", "malformed storage URL 'study.db'"),
+        ("sqlit:///study.db", "unknown database 'sqlit'"),
+        ("sqlite:////nonexistent-dir/study.db", "cannot reach storage 'sqlite:////nonexistent-dir/study.db'"),
+    ],
+)
+def test_unusable_storage_is_named(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_storage(url)
+
+
+def test_usable_storage_passes_without_writing(tmp_path) -> None:
+    path = tmp_path / "study.db"
+    optuna.create_study(storage=f"sqlite:///{path}", study_name="kept").add_trial(
+        optuna.trial.create_trial(value=1.0, params={}, distributions={})
+    )
+    before = path.read_bytes()
+    check_storage(f"sqlite:///{path}")
+    assert path.read_bytes() == before
+    assert np.isclose(optuna.load_study(study_name="kept", storage=f"sqlite:///{path}").best_value, 1.0)
