@@ -214,7 +214,7 @@ class NPG(OnPolicyAlgorithm):
             # Checked below with a ValueError instead of SB3's assertion.
             supported_action_spaces=None,
         )
-        if self.action_space is not None and not isinstance(self.action_space, SUPPORTED_ACTION_SPACES):
+        if getattr(self, "action_space", None) is not None and not isinstance(self.action_space, SUPPORTED_ACTION_SPACES):
             supported = ", ".join(space.__name__ for space in SUPPORTED_ACTION_SPACES)
             raise ValueError(
                 f"action space {type(self.action_space).__name__} is not supported by {type(self).__name__}; "
