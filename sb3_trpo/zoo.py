@@ -1,0 +1,206 @@
+"""rl-zoo3's train and enjoy with this package's algorithms.
+
+``python -m sb3_trpo.zoo train --algo trpo --env Pendulum-v1 [any rl-zoo3 train option]``
+``python -m sb3_trpo.zoo enjoy --algo trpo --env Pendulum-v1 -f logs/ [any rl-zoo3 enjoy option]``
+
+Before rl-zoo3 parses the command line, ``trpo`` (and ``npg``, and the variants the
+package defines) are bound to this package's classes, samplers and converter, and
+``sb3_trpo/zoo_configs/<algo>.yml`` becomes the config unless ``--conf-file`` names one.
+Bad input (unknown environment, unknown or invalid hyperparameter, unusable storage)
+stops the run with a message before any training and before the study is opened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import inspect
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import optuna
+import rl_zoo3.train
+from rl_zoo3.enjoy import enjoy as rl_zoo3_enjoy
+from rl_zoo3.exp_manager import ExperimentManager
+from rl_zoo3.hyperparams_opt import HYPERPARAMS_CONVERTER, HYPERPARAMS_SAMPLER
+from rl_zoo3.utils import ALGOS
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.vec_env import VecEnv
+
+import sb3_trpo
+from sb3_trpo.hyperparams import check_storage, config_entry, sample_npg_params, sample_trpo_params
+
+Sampler = Callable[[optuna.Trial, int, int, dict], dict[str, Any]]
+
+CONFIG_DIR = Path(__file__).parent / "zoo_configs"
+PROG = "python -m sb3_trpo.zoo"
+# Constructor arguments that rl-zoo3 sets from its command line, never from a config.
+SET_BY_RL_ZOO3 = ("env", "tensorboard_log", "seed", "verbose", "device")
+
+
+@dataclass(frozen=True)
+class ZooAlgorithm:
+    """
+    How one algorithm of the package is offered to rl-zoo3.
+
+    :param class_name: name of the class in the ``sb3_trpo`` package; the entry is
+        registered only when the package defines it
+    :param sampler: Optuna sampler in rl-zoo3's signature
+    :param config: default config file, in ``sb3_trpo/zoo_configs``
+    """
+
+    class_name: str
+    sampler: Sampler
+    config: str = "trpo.yml"
+
+
+ZOO_ALGORITHMS: dict[str, ZooAlgorithm] = {
+    "trpo": ZooAlgorithm("TRPO", sample_trpo_params),
+    "npg": ZooAlgorithm("NPG", sample_npg_params),
+    "trpo_lstm": ZooAlgorithm("RecurrentTRPO", sample_trpo_params),
+    "trpo_mask": ZooAlgorithm("MaskableTRPO", sample_trpo_params),
+}
+
+
+class ZooInputError(ValueError):
+    """Bad input found before training: the run stops with this message."""
+
+
+def register() -> list[str]:
+    """
+    Bind the algorithms of :data:`ZOO_ALGORITHMS` that the package defines in rl-zoo3's
+    ``ALGOS``, ``HYPERPARAMS_SAMPLER`` and ``HYPERPARAMS_CONVERTER`` (``trpo`` replaces
+    sb3-contrib's TRPO there).
+
+    :return: the names registered
+    """
+    registered = []
+    for name, algorithm in ZOO_ALGORITHMS.items():
+        algorithm_class = getattr(sb3_trpo, algorithm.class_name, None)
+        if algorithm_class is None:
+            continue
+        # rl-zoo3's dicts are typed after their first entries, parameter names included.
+        ALGOS[name] = algorithm_class
+        HYPERPARAMS_SAMPLER[name] = algorithm.sampler  # type: ignore[assignment]
+        # rl-zoo3's --trial-id reads a trial through this; a config entry keeps the saved config.yml plain YAML.
+        HYPERPARAMS_CONVERTER[name] = config_entry  # type: ignore[assignment]
+        registered.append(name)
+    return registered
+
+
+def check_constructor_arguments(
+    algorithm_class: type[BaseAlgorithm], hyperparams: dict[str, Any], make_env: Callable[[], VecEnv], where: str
+) -> None:
+    """
+    Raise :class:`ZooInputError` unless ``algorithm_class(env=make_env(), **hyperparams)`` builds.
+
+    Unknown names are reported with the closest known ones; invalid values with the
+    constructor's own message. The model is built once on CPU and thrown away.
+
+    :param algorithm_class: the class rl-zoo3 will construct
+    :param hyperparams: the config entry after rl-zoo3's preprocessing (schedules, ``policy_kwargs`` evaluated)
+    :param make_env: builds the environment the way rl-zoo3 does
+    :param where: where the hyperparameters come from, for the message
+    """
+    known = [name for name in inspect.signature(algorithm_class).parameters if name not in SET_BY_RL_ZOO3]
+    for name in hyperparams:
+        if name in SET_BY_RL_ZOO3:
+            raise ZooInputError(f"{name!r} in {where} is set by rl-zoo3's command line, not by the config")
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=2)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else f"; known: {', '.join(known)}"
+            raise ZooInputError(f"unknown hyperparameter {name!r} for {algorithm_class.__name__} in {where}{hint}")
+    env = make_env()
+    try:
+        algorithm_class(env=env, device="cpu", **hyperparams)
+    except (ValueError, TypeError, AssertionError, KeyError) as error:
+        raise ZooInputError(f"invalid hyperparameter in {where}: {error}") from error
+    finally:
+        env.close()
+
+
+class CheckedExperimentManager(ExperimentManager):
+    """rl-zoo3's experiment manager, stopping on bad input before it trains or opens a study."""
+
+    def _preprocess_hyperparams(self, hyperparams: dict[str, Any]) -> tuple[Any, ...]:
+        # rl-zoo3 calls this first in setup_experiment: before it makes folders, environments or models.
+        where = f"the hyperparameters for {self.env_name.gym_id} from {self.config}"
+        if self.custom_hyperparams:
+            where += " and -params"
+        try:
+            processed = super()._preprocess_hyperparams(hyperparams)
+        except SyntaxError as error:
+            raise ZooInputError(f"invalid hyperparameter in {where}: cannot evaluate {error.text!r}: {error.msg}") from error
+        except (ValueError, NameError, AttributeError) as error:
+            raise ZooInputError(f"invalid hyperparameter in {where}: {error}") from error
+        kwargs, self.env_wrapper, _, self.vec_env_wrapper = processed
+        check_constructor_arguments(ALGOS[self.algo], kwargs, lambda: self.create_envs(1, no_log=True), where)
+        if self.optimize_hyperparameters:
+            try:
+                check_storage(self.storage)
+            except ValueError as error:
+                raise ZooInputError(str(error)) from error
+        return processed
+
+
+def _peek(argv: Sequence[str]) -> argparse.Namespace:
+    """The few rl-zoo3 train options needed before rl-zoo3 runs, with rl-zoo3's defaults."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--algo", default="ppo")
+    parser.add_argument("--env", default="CartPole-v1")
+    parser.add_argument("-conf", "--conf-file", default=None)
+    parser.add_argument("--gym-packages", nargs="+", default=[])
+    return parser.parse_known_args(argv)[0]
+
+
+def check_env_id(env_id: str) -> None:
+    """Raise :class:`ZooInputError` naming ``env_id`` (and the closest ids) unless Gymnasium knows it."""
+    if env_id not in gym.registry:
+        close = difflib.get_close_matches(env_id, list(gym.registry), n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise ZooInputError(f"unknown environment id {env_id!r}{hint}")
+
+
+def _train_arguments(argv: list[str], registered: list[str]) -> list[str]:
+    options = _peek(argv)
+    for module in options.gym_packages:
+        importlib.import_module(module)
+    check_env_id(options.env)
+    if options.conf_file is None and options.algo in registered:
+        return [*argv, "--conf-file", str(CONFIG_DIR / ZOO_ALGORITHMS[options.algo].config)]
+    return argv
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """
+    Run rl-zoo3's ``train`` or ``enjoy`` with this package's algorithms registered.
+
+    :param argv: ``["train" | "enjoy", *rl-zoo3 arguments]``; ``sys.argv[1:]`` when ``None``
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    commands: dict[str, Callable[[], None]] = {"train": rl_zoo3.train.train, "enjoy": rl_zoo3_enjoy}
+    if not args or args[0] not in commands:
+        sys.exit(f"usage: {PROG} {{train,enjoy}} [rl-zoo3 arguments; see {PROG} train --help]")
+    command, rest = args[0], args[1:]
+    registered = register()
+    saved_argv, saved_manager = sys.argv, rl_zoo3.train.ExperimentManager
+    try:
+        if command == "train":
+            rest = _train_arguments(rest, registered)
+        # rl-zoo3 parses sys.argv; the manager is looked up in rl_zoo3.train when train() runs.
+        sys.argv = [f"{PROG} {command}", *rest]
+        rl_zoo3.train.ExperimentManager = CheckedExperimentManager  # type: ignore[misc]
+        commands[command]()
+    except ZooInputError as error:
+        sys.exit(f"{PROG} {command}: error: {error}")
+    finally:
+        sys.argv, rl_zoo3.train.ExperimentManager = saved_argv, saved_manager  # type: ignore[misc]
+
+
+if __name__ == "__main__":
+    main()
