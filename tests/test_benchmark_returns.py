@@ -1,0 +1,222 @@
+"""The returns benchmark: run files, resume, locks, collapse accounting and the report."""
+
+from __future__ import annotations
+
+import json
+import math
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from matplotlib import image
+
+from sb3_trpo.benchmark import report, returns
+
+CONFIG = """\
+CartPole-v1:
+  normalize: true
+  n_envs: 2
+  n_timesteps: !!float 1e5
+  policy: 'MlpPolicy'
+  n_steps: 256
+  batch_size: 256
+  learning_rate: lin_1e-3
+  n_critic_updates: 2
+  policy_kwargs: "dict(net_arch=[16])"
+"""
+
+
+def _campaign(config: Path, results: Path) -> list[str]:
+    return [
+        "--envs", "CartPole-v1", "--seeds", "0", "1", "--impl", "sb3_trpo", "--compare", "sb3_contrib",
+        "--timesteps", "1000", "--eval-freq", "600", "--eval-episodes", "2",
+        "--config", str(config), "--results-dir", str(results), "--jobs", "2",
+    ]  # fmt: skip
+
+
+def _mtimes(results: Path) -> dict[str, int]:
+    return {path.name: path.stat().st_mtime_ns for path in results.glob("*.json")}
+
+
+def test_campaign_writes_run_files_and_resumes_without_retraining(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    config, results = tmp_path / "trpo.yml", tmp_path / "results"
+    config.write_text(CONFIG)
+
+    assert returns.main(_campaign(config, results)) == 0
+    names = sorted(f"CartPole-v1__{impl}__seed{seed}.json" for impl in ("sb3_trpo", "sb3_contrib") for seed in (0, 1))
+    assert sorted(path.name for path in results.iterdir()) == names  # no lock or temporary file left
+    for name in names:
+        record = json.loads((results / name).read_text())
+        impl = name.split("__")[1]
+        assert record["complete"] is True
+        assert record["impl"] == impl
+        assert record["algorithm"] == {"sb3_trpo": "sb3_trpo.trpo.TRPO", "sb3_contrib": "sb3_contrib.trpo.trpo.TRPO"}[impl]
+        assert (record["env_id"], record["seed"]) == ("CartPole-v1", int(name[-6]))
+        assert record["config"]["entry"] == "CartPole-v1"
+        assert record["config"]["hyperparams"]["learning_rate"] == "lin_1e-3"
+        # Two rollouts of 2 envs x 256 steps; an evaluation at step 600 and one on the final policy.
+        assert (record["total_timesteps"], record["num_timesteps"]) == (1000, 1024)
+        assert record["evaluation"]["timesteps"] == [600, 1024]
+        assert len(record["evaluation"]["mean"]) == len(record["evaluation"]["std"]) == 2
+        assert all(9 <= value <= 500 for value in record["evaluation"]["mean"])  # CartPole returns
+        assert record["line_search"]["n_updates"] == 2
+        assert 0 <= record["line_search"]["n_failures"] <= 2
+        assert record["steps_per_second"] > 0
+        assert record["versions"]["stable_baselines3"] is not None and record["versions"]["torch"] is not None
+    capsys.readouterr()
+
+    before = _mtimes(results)
+    assert returns.main(_campaign(config, results)) == 0
+    assert _mtimes(results) == before
+    assert "done: 4, trained: 0" in capsys.readouterr().out
+
+    # A run whose file is missing is trained again, in this process; the others are not touched.
+    missing = returns.RunSpec("sb3_contrib", "CartPole-v1", 1, 1000, str(config), 600, 2)
+    (results / f"{missing.name}.json").unlink()
+    assert [returns.execute(spec, results) for spec in (missing, missing)] == ["trained", "done"]
+    after = _mtimes(results)
+    assert after.keys() == before.keys()
+    assert {name: after[name] == before[name] for name in after} == {name: name != f"{missing.name}.json" for name in after}
+
+
+def _lock(path: Path, host: str, pid: int) -> str:
+    content = json.dumps({"host": host, "pid": pid, "since": 0.0})
+    path.write_text(content)
+    return content
+
+
+def test_lock_is_exclusive(tmp_path: Path) -> None:
+    lock = tmp_path / "run.lock"
+    assert returns.try_lock(lock)
+    assert not returns.try_lock(lock)
+
+
+def test_lock_of_live_process_or_other_host_is_respected(tmp_path: Path) -> None:
+    live, remote = tmp_path / "live.lock", tmp_path / "remote.lock"
+    live_content = _lock(live, socket.gethostname(), 1)  # pid 1 always exists
+    remote_content = _lock(remote, "another-host", 2**22 + 12345)
+    assert not returns.try_lock(live)
+    assert not returns.try_lock(remote)
+    assert (live.read_text(), remote.read_text()) == (live_content, remote_content)
+
+
+def test_lock_of_dead_process_is_reclaimed(tmp_path: Path) -> None:
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = tmp_path / "run.lock"
+    _lock(lock, socket.gethostname(), int(finished.stdout))
+    assert returns.try_lock(lock)
+    assert json.loads(lock.read_text())["pid"] != int(finished.stdout)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run.lock"]
+
+
+def test_locked_run_is_skipped_and_failed_run_releases_its_lock(tmp_path: Path) -> None:
+    config = tmp_path / "trpo.yml"
+    config.write_text("default:\n  policy: 'MlpPolicy'\n  n_timesteps: 1000\n")
+    spec = returns.RunSpec("sb3_trpo", "NoSuchEnv-v0", 0, 1000, str(config), 500, 1)
+    lock = tmp_path / f"{spec.name}.json.lock"
+    _lock(lock, socket.gethostname(), 1)
+    assert returns.execute(spec, tmp_path) == "locked"
+    lock.unlink()
+    with pytest.raises(Exception, match="NoSuchEnv"):
+        returns.execute(spec, tmp_path)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["trpo.yml"]
+
+
+def test_config_entry_falls_back_to_older_version_then_default() -> None:
+    table = {"Hopper-v2": {}, "Hopper-v3": {}, "Hopper-v6": {}, "default": {}}
+    assert returns.entry_for_env(table, "Hopper-v3") == "Hopper-v3"
+    assert returns.entry_for_env(table, "Hopper-v5") == "Hopper-v3"
+    assert returns.entry_for_env(table, "Walker2d-v5") == "default"
+    with pytest.raises(KeyError, match="Walker2d-v5"):
+        returns.entry_for_env({"Hopper-v4": {}}, "Walker2d-v5")
+    assert returns.default_config().name == "trpo.yml" and returns.default_config().is_file()
+
+
+@pytest.mark.parametrize(
+    ("curve", "expected"),
+    [
+        ([100, 200, 150, 139, 141, 300, 100], 2),  # below 0.7 x best: 139 (best 200), 100 (best 300)
+        ([-100, -120, -131, -50, -66, -64], 2),  # below 1.3 x best: -131 (best -100), -66 (best -50)
+        ([0, -1, 0, 5, 3.6, 3.4], 2),  # from a best of 0 any loss counts: -1; 3.4 < 3.5
+        ([-5], 0),
+        ([], 0),
+        ([10, 1, 1, 1], 3),  # every evaluation below the threshold counts, not only the first
+    ],
+)
+def test_collapse_count(curve: list[float], expected: int) -> None:
+    assert report.collapse_count(curve) == expected
+
+
+def _record(impl: str, seed: int, means: list[float], failures: int, updates: int, speed: float) -> dict:
+    return {
+        "format": 1,
+        "complete": True,
+        "impl": impl,
+        "env_id": "Fake-v0",
+        "seed": seed,
+        "total_timesteps": 1000 * len(means),
+        "num_timesteps": 1000 * len(means),
+        "config": {"entry": "Fake-v0"},
+        "evaluation": {
+            "freq": 1000,
+            "episodes": 10,
+            "timesteps": [1000 * (i + 1) for i in range(len(means))],
+            "mean": means,
+            "std": [1.0] * len(means),
+        },
+        "line_search": {"n_updates": updates, "n_failures": failures},
+        "wall_time_s": 60.0,
+        "steps_per_second": speed,
+        "versions": {"torch": "2.13.0"},
+    }
+
+
+def _write_synthetic(results: Path) -> None:
+    results.mkdir()
+    records = [
+        _record("sb3_contrib", 0, [-50, -100], 0, 5, 50.0),
+        _record("sb3_contrib", 1, [-40, -30], 0, 5, 70.0),
+        _record("sb3_trpo", 0, [5, 12, 10], 1, 10, 100.0),
+        _record("sb3_trpo", 1, [20, 2, 20], 0, 10, 200.0),
+        _record("sb3_trpo", 2, [30, 36, 30], 2, 10, 300.0),
+    ]
+    for record in records:
+        (results / f"Fake-v0__{record['impl']}__seed{record['seed']}.json").write_text(json.dumps(record))
+    (results / ".Fake-v0__sb3_trpo__seed3.json.123.tmp").write_text("{")
+    (results / "Fake-v0__sb3_trpo__seed4.json.lock").write_text("{}")
+    (results / "Fake-v0__sb3_trpo__seed5.json").write_text(json.dumps({**records[0], "complete": False}))
+
+
+def test_report_table_on_synthetic_runs(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    _write_synthetic(results)
+    groups = report.group(report.load_results(results))
+    assert list(groups) == [("Fake-v0", "sb3_trpo"), ("Fake-v0", "sb3_contrib")]
+    trpo, contrib = (report.summarize(env, impl, runs) for (env, impl), runs in groups.items())
+    assert trpo.n_seeds == 3 and contrib.n_seeds == 2
+    assert trpo.final_mean == 20.0 and trpo.final_std == pytest.approx(math.sqrt(200 / 3))
+    assert trpo.best_mean == pytest.approx(68 / 3) and trpo.best_std == pytest.approx(math.sqrt(896 / 9))
+    assert (trpo.collapses, trpo.evaluations) == (1, 9)
+    assert trpo.failure_fraction == pytest.approx(0.1)
+    assert (contrib.final_mean, contrib.final_std, contrib.best_mean, contrib.best_std) == (-65.0, 35.0, -40.0, 10.0)
+    assert (contrib.collapses, contrib.evaluations, contrib.failure_fraction) == (1, 4, 0.0)
+    assert report.markdown_table([trpo, contrib]).splitlines()[2:] == [
+        "| Fake-v0 | sb3_trpo | 3 | 3k | 20.0 ± 8.2 | 22.7 ± 10.0 | 1 / 9 | 10.0% (3/30) | 200 |",
+        "| Fake-v0 | sb3_contrib | 2 | 2k | -65.0 ± 35.0 | -40.0 ± 10.0 | 1 / 4 | 0.0% (0/10) | 60 |",
+    ]
+
+
+def test_report_writes_markdown_and_plot(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    _write_synthetic(results)
+    output, plot = tmp_path / "out" / "REPORT.md", tmp_path / "out" / "returns.png"
+    assert report.main(["--results-dir", str(results), "--output", str(output), "--plot", str(plot)]) == 0
+    text = output.read_text()
+    assert "| Fake-v0 | sb3_trpo | 3 | 3k | 20.0 ± 8.2 | 22.7 ± 10.0 | 1 / 9 | 10.0% (3/30) | 200 |" in text
+    assert "![learning curves](returns.png)" in text
+    assert text.count("| Fake-v0 | sb3_trpo | ") == 4  # the summary row and one row per seed
+    # One panel: a 5 x 3.6 inch figure at 110 dpi.
+    assert image.imread(plot).shape == (396, 550, 4)
+    assert report.main(["--results-dir", str(tmp_path / "empty")]) == 1
