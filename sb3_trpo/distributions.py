@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch as th
 from stable_baselines3.common.distributions import (
     BernoulliDistribution,
     CategoricalDistribution,
@@ -10,7 +11,6 @@ from stable_baselines3.common.distributions import (
     MultiCategoricalDistribution,
     StateDependentNoiseDistribution,
 )
-import torch as th
 
 from sb3_trpo.trust_region import (
     DistributionFisherProduct,

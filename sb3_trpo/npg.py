@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -274,9 +274,7 @@ class NPG(OnPolicyAlgorithm):
         }
         for what, values in arrays.items():
             if not all(np.isfinite(value).all() for value in values):
-                raise NonFiniteError(
-                    f"non-finite {what} in the rollout of update {update}; the weights were not changed"
-                )
+                raise NonFiniteError(f"non-finite {what} in the rollout of update {update}; the weights were not changed")
 
     def _policy_batch(self) -> PolicyBatch:
         # The buffer yields the whole rollout at once, in a random order.
@@ -331,7 +329,9 @@ class NPG(OnPolicyAlgorithm):
         entropy_value = None if entropy is None else self._mean_entropy(entropy, batch)
         if max_step == 0.0 or not th.isfinite(full_step).all():
             no_step = LineSearchResult(False, 0.0, 0, objective_before, 0.0)
-            return PolicyStepStats(objective_before, no_step, cg.residual_norm, cg.n_iterations, 0.0, 0.0, 0.0, entropy_value, skipped=True)
+            return PolicyStepStats(
+                objective_before, no_step, cg.residual_norm, cg.n_iterations, 0.0, 0.0, 0.0, entropy_value, skipped=True
+            )
 
         original = [param.detach().clone() for param in self.actor_parameters]
         steps = unflatten(full_step, original)
@@ -379,18 +379,12 @@ class NPG(OnPolicyAlgorithm):
         self, batch: PolicyBatch, distribution: Distribution, old_distribution: Distribution
     ) -> MatrixVectorProduct:
         """The (undamped) Fisher-vector product at the old policy over the actor parameters."""
-        parameters = distribution_parameters(distribution)
-        closed_form = fisher_product(distribution)
-        if self.fisher_vector_product == "analytic" and parameters is not None and closed_form is not None:
-            named = {name: param for name, param in self.policy.named_parameters() if _contains(self.actor_parameters, param)}
-            module = _DistributionParameters(self.policy, lambda: self._distribution(batch))
-
-            def forward(params: dict[str, th.Tensor]) -> tuple[th.Tensor, ...]:
-                prefixed = {f"policy.{name}": value for name, value in params.items()}
-                return th.func.functional_call(module, prefixed, ())
-
-            n_terms = len(batch.advantages) * kl_terms_per_sample(distribution)
-            return analytic_fisher_vector_product(forward, named, closed_form, n_terms)
+        if self.fisher_vector_product == "analytic":
+            product = policy_fisher_vector_product(
+                self.policy, self.actor_parameters, lambda: self._distribution(batch), len(batch.advantages)
+            )
+            if product is not None:
+                return product
         kl = self._mean_kl(old_distribution, distribution, batch)
         return kl_hessian_vector_product(kl, self.actor_parameters)
 
@@ -398,9 +392,11 @@ class NPG(OnPolicyAlgorithm):
         """Fit the value function on the returns, moving only parameters the actor does not use."""
         buffer = self.rollout_buffer
         n_samples = buffer.buffer_size * buffer.n_envs
-        observations = buffer.to_torch(buffer.observations) if not isinstance(buffer.observations, dict) else {
-            key: buffer.to_torch(value) for key, value in buffer.observations.items()
-        }
+        observations = (
+            buffer.to_torch(buffer.observations)
+            if not isinstance(buffer.observations, dict)
+            else {key: buffer.to_torch(value) for key, value in buffer.observations.items()}
+        )
         returns = buffer.to_torch(buffer.returns).flatten()
         saved = [param.detach().clone() for param in self.critic_parameters]
         losses = []
@@ -481,6 +477,33 @@ class _DistributionParameters(nn.Module):
         parameters = distribution_parameters(self.distribution())
         assert parameters is not None
         return parameters
+
+
+def policy_fisher_vector_product(
+    policy: BasePolicy,
+    actor_parameters: list[nn.Parameter],
+    distribution: Callable[[], Distribution],
+    n_samples: int,
+) -> MatrixVectorProduct | None:
+    """Analytic Fisher-vector product of ``policy`` over ``actor_parameters``, or None without a closed form.
+
+    ``distribution()`` evaluates the policy's action distribution on the batch; it is
+    called again with the actor parameters swapped for their forward-mode duals.
+    """
+    current = distribution()
+    closed_form = fisher_product(current)
+    if closed_form is None or distribution_parameters(current) is None:
+        return None
+    named = {name: param for name, param in policy.named_parameters() if _contains(actor_parameters, param)}
+    module = _DistributionParameters(policy, distribution)
+
+    def forward(params: dict[str, th.Tensor]) -> tuple[th.Tensor, ...]:
+        prefixed = {f"policy.{name}": value for name, value in params.items()}
+        # Shared modules are one object: swapping them under one name swaps them everywhere,
+        # and tie_weights=True would leave plain tensors in place of the shared parameters.
+        return th.func.functional_call(module, prefixed, (), tie_weights=False)
+
+    return analytic_fisher_vector_product(forward, named, closed_form, n_samples * kl_terms_per_sample(current))
 
 
 def _contains(params: list[nn.Parameter], param: nn.Parameter) -> bool:

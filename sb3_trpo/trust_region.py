@@ -125,18 +125,18 @@ def analytic_fisher_vector_product(
 ) -> MatrixVectorProduct:
     """Fisher-vector product ``J^T M J v / N`` through the distribution parameters.
 
-    ``J`` is the Jacobian of the distribution parameters (means, scales, logits, ...)
-    with respect to the network parameters, ``M`` the closed-form per-sample Fisher of
-    the distribution in those parameters, ``N`` the number of terms the KL is averaged
-over (samples, times action dimensions where the KL is taken per dimension). ``J v`` is a
-    forward-mode Jacobian-vector product, ``J^T u`` a backward pass through a graph
-    built once.
+        ``J`` is the Jacobian of the distribution parameters (means, scales, logits, ...)
+        with respect to the network parameters, ``M`` the closed-form per-sample Fisher of
+        the distribution in those parameters, ``N`` the number of terms the KL is averaged
+    over (samples, times action dimensions where the KL is taken per dimension). ``J v`` is a
+        forward-mode Jacobian-vector product, ``J^T u`` a backward pass through a graph
+        built once.
 
-    :param distribution_parameters: function of a parameter dict returning the
-        distribution-parameter tensors (evaluated with ``torch.func.functional_call``)
-    :param params: the parameters the product is taken over, by name
-    :param fisher_product: closed-form Fisher of the distribution, see ``FISHER_PRODUCTS``
-    :param n_terms: the number of terms the mean KL averages
+        :param distribution_parameters: function of a parameter dict returning the
+            distribution-parameter tensors (evaluated with ``torch.func.functional_call``)
+        :param params: the parameters the product is taken over, by name
+        :param fisher_product: closed-form Fisher of the distribution, see ``FISHER_PRODUCTS``
+        :param n_terms: the number of terms the mean KL averages
     """
     names = list(params)
     primals = tuple(params[name] for name in names)

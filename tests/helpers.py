@@ -30,7 +30,18 @@ class DoubleFlatten(FlattenExtractor):
         return super().forward(observations).double()
 
 
-def small_policy(kind: str, seed: int = 0) -> ActorCriticPolicy:
+class DoubleLinearExtractor(DoubleFlatten):
+    """A features extractor with parameters, to be shared by actor and critic."""
+
+    def __init__(self, observation_space: spaces.Box):
+        super().__init__(observation_space)
+        self.linear = th.nn.Linear(self.features_dim, self.features_dim)
+
+    def forward(self, observations: th.Tensor) -> th.Tensor:
+        return th.tanh(self.linear(super().forward(observations)))
+
+
+def small_policy(kind: str, seed: int = 0, shared_extractor: bool = False) -> ActorCriticPolicy:
     """A tiny policy (double precision) whose action distribution is of the given kind."""
     th.manual_seed(seed)
     action_space, use_sde = ACTION_SPACES[kind]
@@ -41,7 +52,8 @@ def small_policy(kind: str, seed: int = 0) -> ActorCriticPolicy:
         net_arch=[5],
         use_sde=use_sde,
         log_std_init=-0.3,
-        features_extractor_class=DoubleFlatten,
+        features_extractor_class=DoubleLinearExtractor if shared_extractor else DoubleFlatten,
+        share_features_extractor=shared_extractor,
     ).double()
     # Spread the log-std so that the Gaussian Fisher is not a multiple of the identity.
     if hasattr(policy, "log_std"):

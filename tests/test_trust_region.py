@@ -9,10 +9,8 @@ import pytest
 import torch as th
 from stable_baselines3.common.distributions import kl_divergence
 
-from sb3_trpo.distributions import distribution_parameters, fisher_product, kl_terms_per_sample
-from sb3_trpo.npg import split_actor_critic
+from sb3_trpo.npg import policy_fisher_vector_product, split_actor_critic
 from sb3_trpo.trust_region import (
-    analytic_fisher_vector_product,
     backtracking_line_search,
     conjugate_gradient,
     damped,
@@ -78,25 +76,17 @@ def test_max_step_puts_quadratic_kl_on_boundary() -> None:
     assert max_step_size(s, -a @ s, target_kl=0.01) == 0.0
 
 
+@pytest.mark.parametrize("shared_extractor", [False, True], ids=["separate", "shared-extractor"])
 @pytest.mark.parametrize("kind", sorted(ACTION_SPACES))
 @pytest.mark.parametrize("method", ["analytic", "double_backprop"])
-def test_fisher_vector_product_equals_dense_kl_hessian(kind: str, method: str) -> None:
-    policy = small_policy(kind)
+def test_fisher_vector_product_equals_dense_kl_hessian(kind: str, method: str, shared_extractor: bool) -> None:
+    policy = small_policy(kind, shared_extractor=shared_extractor)
     obs = observations()
     hessian = dense_kl_hessian(policy, obs)
     actor, _ = split_actor_critic(policy)
-    named = {name: p for name, p in policy.named_parameters() if any(p is a for a in actor)}
-    distribution = policy.get_distribution(obs)
     if method == "analytic":
-        closed_form = fisher_product(distribution)
-        assert closed_form is not None
-
-        def forward(params: dict) -> tuple:
-            with th.nn.utils.stateless._reparametrize_module(policy, params):
-                return distribution_parameters(policy.get_distribution(obs))
-
-        n_terms = len(obs) * kl_terms_per_sample(distribution)
-        product = analytic_fisher_vector_product(forward, named, closed_form, n_terms)
+        product = policy_fisher_vector_product(policy, actor, lambda: policy.get_distribution(obs), len(obs))
+        assert product is not None
     else:
         with th.no_grad():
             old = copy.copy(policy.get_distribution(obs))
@@ -106,6 +96,9 @@ def test_fisher_vector_product_equals_dense_kl_hessian(kind: str, method: str) -
     for _ in range(3):
         v = th.randn(hessian.shape[0], generator=generator, dtype=th.float64)
         assert th.allclose(product(v), hessian @ v, rtol=1e-7, atol=1e-10)
+    # The product leaves the policy's own parameters in place.
+    assert all(any(p is a for a in actor) for p in split_actor_critic(policy)[0])
+    assert all(isinstance(p, th.nn.Parameter) for p in policy.parameters())
     assert float(th.linalg.eigvalsh(hessian).min()) > -1e-10
 
 
@@ -139,7 +132,9 @@ class Quadratic:
 def test_line_search_never_accepts_kl_violation_or_worse_surrogate(step: float) -> None:
     problem = Quadratic(start=0.0, step=step)
     before = -1.0
-    result = backtracking_line_search(problem.evaluate, problem.restore, before, target_kl=0.02, shrinking_factor=0.5, max_iter=8)
+    result = backtracking_line_search(
+        problem.evaluate, problem.restore, before, target_kl=0.02, shrinking_factor=0.5, max_iter=8
+    )
     if result.success:
         assert result.kl < 0.02
         assert result.objective > before
