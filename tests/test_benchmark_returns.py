@@ -72,6 +72,12 @@ def test_campaign_writes_run_files_and_resumes_without_retraining(tmp_path: Path
     assert _mtimes(results) == before
     assert "done: 4, trained: 0" in capsys.readouterr().out
 
+    # Run files made with other settings are kept, with a warning, and not trained again.
+    other = [arg if arg != "1000" else "2000" for arg in _campaign(config, results)]
+    assert returns.main(other) == 0
+    assert _mtimes(results) == before
+    assert capsys.readouterr().err.count("timesteps 1000 instead of 2000") == 4
+
     # A run whose file is missing is trained again, in this process; the others are not touched.
     missing = returns.RunSpec("sb3_contrib", "CartPole-v1", 1, 1000, str(config), 600, 2)
     (results / f"{missing.name}.json").unlink()

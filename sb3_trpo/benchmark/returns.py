@@ -292,6 +292,28 @@ def is_complete(path: Path) -> bool:
     return isinstance(record, dict) and record.get("complete") is True
 
 
+def settings_difference(path: Path, spec: RunSpec) -> str:
+    """What the settings of the complete run file ``path`` and ``spec`` disagree on ('' when nothing)."""
+    record = json.loads(path.read_text())
+    ran = {
+        "timesteps": record["total_timesteps"],
+        "config": record["config"]["path"],
+        "eval-freq": record["evaluation"]["freq"],
+        "eval-episodes": record["evaluation"]["episodes"],
+    }
+    asked = {
+        "timesteps": spec.timesteps,
+        "config": spec.config,
+        "eval-freq": spec.eval_freq,
+        "eval-episodes": spec.eval_episodes,
+    }
+    return ", ".join(
+        f"{key} {ran[key]} instead of {value}"
+        for key, value in asked.items()
+        if value is not None and str(value) != str(ran[key])
+    )
+
+
 def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(record, indent=1) + "\n")
@@ -396,6 +418,13 @@ def run_campaign(specs: Sequence[RunSpec], results_dir: Path, jobs: int) -> dict
     for spec in specs:
         if is_complete(result_path(results_dir, spec)):
             outcome["done"].append(spec.name)
+            difference = settings_difference(result_path(results_dir, spec), spec)
+            if difference:
+                print(
+                    f"[{spec.name}] kept, although it was run with other settings ({difference}); "
+                    "use another --results-dir to run these",
+                    file=sys.stderr,
+                )
         else:
             pending.append(spec)
     if pending:
