@@ -7,6 +7,7 @@ rl-zoo3 config entry its parameters stand for, so the best trial of a study is a
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -137,6 +138,16 @@ def _python_source(value: Any) -> str:
     if isinstance(value, type) and issubclass(value, nn.Module):
         return f"nn.{value.__name__}"
     return repr(value)
+
+
+def check_env_id(env_id: str) -> None:
+    """Raise a ``ValueError`` naming ``env_id`` and the closest registered ids unless Gymnasium knows it."""
+    import gymnasium as gym
+
+    if env_id not in gym.registry:
+        close = difflib.get_close_matches(env_id, list(gym.registry), n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise ValueError(f"unknown environment id {env_id!r}{hint}")
 
 
 def check_storage(url: str | None) -> None:

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import optuna
 import rl_zoo3.train
 from rl_zoo3.enjoy import enjoy as rl_zoo3_enjoy
@@ -33,7 +32,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 
 import sb3_trpo
-from sb3_trpo.hyperparams import check_storage, config_entry, sample_npg_params, sample_trpo_params
+from sb3_trpo.hyperparams import check_env_id, check_storage, config_entry, sample_npg_params, sample_trpo_params
 
 Sampler = Callable[[optuna.Trial, int, int, dict], dict[str, Any]]
 
@@ -158,19 +157,14 @@ def _peek(argv: Sequence[str]) -> argparse.Namespace:
     return parser.parse_known_args(argv)[0]
 
 
-def check_env_id(env_id: str) -> None:
-    """Raise :class:`ZooInputError` naming ``env_id`` (and the closest ids) unless Gymnasium knows it."""
-    if env_id not in gym.registry:
-        close = difflib.get_close_matches(env_id, list(gym.registry), n=3)
-        hint = f"; did you mean {' or '.join(close)}?" if close else ""
-        raise ZooInputError(f"unknown environment id {env_id!r}{hint}")
-
-
 def _train_arguments(argv: list[str], registered: list[str]) -> list[str]:
     options = _peek(argv)
     for module in options.gym_packages:
         importlib.import_module(module)
-    check_env_id(options.env)
+    try:
+        check_env_id(options.env)
+    except ValueError as error:
+        raise ZooInputError(str(error)) from error
     if options.conf_file is None and options.algo in registered:
         return [*argv, "--conf-file", str(CONFIG_DIR / ZOO_ALGORITHMS[options.algo].config)]
     return argv
