@@ -14,6 +14,7 @@ Definitions (per implementation and environment, over the seeds found):
   The first evaluation never counts. Shown as ``collapses / evaluations``.
 - *failed line searches*: updates whose line search found no acceptable step, over all updates of all seeds.
 - *steps/s*: environment steps per second of training, evaluation time excluded; mean over seeds.
+  Runs share machines, so this is a record, not a speed comparison (``python -m sb3_trpo.benchmark speed`` is).
 """
 
 from __future__ import annotations
@@ -166,6 +167,7 @@ def plot_curves(groups: dict[tuple[str, str], list[dict[str, Any]]], path: Path)
     import matplotlib.pyplot as plt
 
     envs = list(dict.fromkeys(env for env, _ in groups))
+    colors = {impl: f"C{index}" for index, impl in enumerate(dict.fromkeys(impl for _, impl in groups))}
     columns = min(len(envs), 3)
     rows = -(-len(envs) // columns)
     figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
@@ -174,8 +176,8 @@ def plot_curves(groups: dict[tuple[str, str], list[dict[str, Any]]], path: Path)
             if env != env_id:
                 continue
             grid, mean, std = mean_curve(runs)
-            (line,) = axis.plot(grid, mean, label=f"{impl} ({len(runs)} seeds)")
-            axis.fill_between(grid, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            axis.plot(grid, mean, color=colors[impl], label=f"{impl} (n={len(runs)})")
+            axis.fill_between(grid, mean - std, mean + std, color=colors[impl], alpha=0.2)
         axis.set_title(env_id)
         axis.set_xlabel("environment steps")
         axis.set_ylabel("evaluation return")
@@ -232,7 +234,8 @@ def render_report(
         "final/best: mean ± std (population, ddof=0) over seeds of the last/highest evaluation of each run. "
         "collapses: evaluations more than 30% below the best earlier evaluation of the same run "
         "(`r < b - 0.3|b|`), over all evaluations. failed line searches: updates whose line search "
-        "accepted no step. steps/s: training only, evaluation excluded.",
+        "accepted no step. steps/s: training only, evaluation excluded, "
+        "on whatever load the machine had (the speed benchmark is the one to compare speeds with).",
         "",
     ]
     if plot is not None:
