@@ -178,8 +178,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     commands: dict[str, Callable[[], None]] = {"train": rl_zoo3.train.train, "enjoy": rl_zoo3_enjoy}
+    usage = f"usage: {PROG} {{train,enjoy}} [rl-zoo3 arguments; see {PROG} train --help]"
+    if args[:1] in (["-h"], ["--help"]):
+        print(usage)
+        return
     if not args or args[0] not in commands:
-        sys.exit(f"usage: {PROG} {{train,enjoy}} [rl-zoo3 arguments; see {PROG} train --help]")
+        sys.exit(usage)
     command, rest = args[0], args[1:]
     registered = register()
     saved_argv, saved_manager = sys.argv, rl_zoo3.train.ExperimentManager

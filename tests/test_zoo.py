@@ -176,7 +176,7 @@ def test_train_then_enjoy_with_the_package_config(tmp_path: Path, capsys: pytest
 def test_optimize_stores_trials_and_a_trial_trains_from_its_config(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'study.db'}"
     common = ["--algo", "trpo", "--env", "Pendulum-v1", "-f", str(tmp_path / "logs"), "--storage", url, "--study-name", "p"]
-    tuning = "-optimize --n-trials 2 --n-jobs 1 -n 128 --n-evaluations 1 --sampler random --pruner median"
+    tuning = "-optimize --n-trials 2 --n-jobs 2 -n 128 --n-evaluations 1 --sampler random --pruner median"
     main(
         [
             "train",
