@@ -16,6 +16,7 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import Distribution, kl_divergence
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import (
@@ -25,11 +26,13 @@ from stable_baselines3.common.policies import (
     MultiInputActorCriticPolicy,
 )
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
-from stable_baselines3.common.utils import explained_variance
+from stable_baselines3.common.utils import explained_variance, obs_as_tensor
+from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 from torch.nn import functional as F
 
 from sb3_trpo.distributions import distribution_parameters, fisher_product, kl_terms_per_sample
+from sb3_trpo.rollout import TruncationBootstraps, actions_for_log_prob, fill_values_and_log_probs
 from sb3_trpo.trust_region import (
     LineSearchResult,
     MatrixVectorProduct,
@@ -247,6 +250,84 @@ class NPG(OnPolicyAlgorithm):
         super()._setup_model()
         self.actor_parameters, self.critic_parameters = split_actor_critic(self.policy)
 
+    # ----------------------------------------------------------------- rollout
+    def collect_rollouts(
+        self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
+    ) -> bool:
+        """Collect ``n_rollout_steps`` per environment, as SB3 does, with one batched critic pass at the end.
+
+        Per step only actions are sampled (the same draws as SB3's ``policy.forward``);
+        values, log-probabilities and the bootstrap values of time-limit truncations are
+        computed for the whole rollout afterwards by :func:`fill_values_and_log_probs`.
+        Callbacks see the usual locals except the per-step ``values`` and ``log_probs``.
+        """
+        assert self._last_obs is not None, "No previous observation was provided"
+        self.policy.set_training_mode(False)
+        n_steps = 0
+        rollout_buffer.reset()
+        if self.use_sde:
+            self.policy.reset_noise(env.num_envs)
+        callback.on_rollout_start()
+        bootstraps = TruncationBootstraps()
+        placeholder = th.zeros(env.num_envs)
+        while n_steps < n_rollout_steps:
+            if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
+                self.policy.reset_noise(env.num_envs)
+            with th.no_grad():
+                obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
+                actions = self._sample_actions(obs_tensor).cpu().numpy()
+            clipped_actions = actions
+            if isinstance(self.action_space, spaces.Box):
+                if self.policy.squash_output:
+                    clipped_actions = self.policy.unscale_action(clipped_actions)
+                else:
+                    clipped_actions = np.clip(actions, self.action_space.low, self.action_space.high)
+            new_obs, rewards, dones, infos = env.step(clipped_actions)
+            self._check_observations_finite(new_obs)
+            self.num_timesteps += env.num_envs
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return False
+            self._update_info_buffer(infos, dones)
+            n_steps += 1
+            if isinstance(self.action_space, spaces.Discrete):
+                actions = actions.reshape(-1, 1)
+            for idx, done in enumerate(dones):
+                terminal_obs = infos[idx].get("terminal_observation")
+                if done and terminal_obs is not None and infos[idx].get("TimeLimit.truncated", False):
+                    bootstraps.record(rollout_buffer.pos, idx, terminal_obs)
+            rollout_buffer.add(
+                self._last_obs,  # type: ignore[arg-type]
+                actions,
+                rewards,
+                self._last_episode_starts,  # type: ignore[arg-type]
+                placeholder,
+                placeholder,
+            )
+            self._last_obs = new_obs  # type: ignore[assignment]
+            self._last_episode_starts = dones
+        fill_values_and_log_probs(self.policy, rollout_buffer, bootstraps, self.gamma)  # type: ignore[arg-type]
+        with th.no_grad():
+            values = self.policy.predict_values(obs_as_tensor(new_obs, self.device))  # type: ignore[arg-type]
+        rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
+        callback.update_locals(locals())
+        callback.on_rollout_end()
+        return True
+
+    def _sample_actions(self, observations: PyTorchObs) -> th.Tensor:
+        """One stochastic action per environment, drawn as SB3's ``ActorCriticPolicy.forward`` draws it."""
+        actions = self.policy.get_distribution(observations).get_actions()  # type: ignore[operator]
+        return actions.reshape((-1, *self.action_space.shape))  # type: ignore[misc]
+
+    def _check_observations_finite(self, observations: Any) -> None:
+        arrays = observations.values() if isinstance(observations, dict) else [observations]
+        for array in arrays:
+            if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+                raise NonFiniteError(
+                    f"non-finite observations in the rollout of update {self._n_updates + 1}; "
+                    "the weights were not changed"
+                )
+
     # ------------------------------------------------------------------ update
     def train(self) -> None:
         """Update the policy with one trust-region step, then fit the critic."""
@@ -283,9 +364,7 @@ class NPG(OnPolicyAlgorithm):
 
     def _batch_from_samples(self, data: Any, rows: slice) -> PolicyBatch:
         """The ``rows`` of the buffer's samples ``data`` as a batch (variants add the fields they store)."""
-        actions = data.actions[rows]
-        if isinstance(self.action_space, spaces.Discrete):
-            actions = actions.long().flatten()
+        actions = actions_for_log_prob(data.actions[rows], self.action_space)
         advantages = data.advantages[rows]
         if self.normalize_advantage:
             advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)

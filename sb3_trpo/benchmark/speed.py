@@ -1,0 +1,160 @@
+"""End-to-end throughput of sb3_trpo's TRPO against another implementation, side by side.
+
+``python -m sb3_trpo.benchmark speed [--envs ...] [--steps N] [--repetitions R] [--compare sb3_contrib]``
+
+Each measurement trains one implementation in a fresh Python process (so imports,
+caches and allocator state do not leak between them); the implementations alternate,
+repetition after repetition, so that both see the same machine conditions. Settings are
+rl-zoo3's MuJoCo TRPO configuration (see ``SETTINGS``).
+
+Output (stable; one line per measurement, then one summary line per environment)::
+
+    run  <env> <impl> rep=<r> steps_per_s=<x> peak_rss_mb=<m> rollout_s=<a> policy_step_s=<b> critic_s=<c> total_s=<t>
+    summary <env> <impl>=<median steps/s> <compare>=<median steps/s> ratio=<median of per-repetition ratios> \
+peak_rss_mb <impl>=<m> <compare>=<m>
+
+``rollout_s`` is the time in ``collect_rollouts`` and ``policy_step_s`` + ``critic_s`` the time
+in ``train`` (for implementations without separate phases the whole ``train`` is
+reported as ``policy_step_s`` and ``critic_s`` is ``nan``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+SETTINGS: dict[str, Any] = dict(
+    n_steps=1024,
+    batch_size=128,
+    gamma=0.99,
+    gae_lambda=0.95,
+    cg_max_steps=25,
+    cg_damping=0.1,
+    n_critic_updates=20,
+    learning_rate=1e-3,
+    target_kl=0.01,
+)
+N_ENVS = 2
+IMPLEMENTATIONS = ("sb3_trpo", "sb3_contrib")
+
+
+def _timed(obj: Any, name: str, totals: dict[str, float], key: str) -> None:
+    method = getattr(obj, name)
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return method(*args, **kwargs)
+        finally:
+            totals[key] += time.perf_counter() - start
+
+    setattr(obj, name, wrapper)
+
+
+def measure(impl: str, env_id: str, steps: int, seed: int) -> dict[str, float]:
+    """Train ``impl`` for ``steps`` environment steps in this process and time its phases."""
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.vec_env import VecNormalize
+
+    if impl == "sb3_trpo":
+        from sb3_trpo import TRPO as algorithm
+    elif impl == "sb3_contrib":
+        from sb3_contrib import TRPO as algorithm
+    else:
+        raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    env = VecNormalize(make_vec_env(env_id, n_envs=N_ENVS, seed=seed))
+    model = algorithm("MlpPolicy", env, seed=seed, **SETTINGS)
+    totals: dict[str, float] = defaultdict(float)
+    _timed(model, "collect_rollouts", totals, "rollout_s")
+    if impl == "sb3_trpo":
+        _timed(model, "_policy_step", totals, "policy_step_s")
+        _timed(model, "_fit_critic", totals, "critic_s")
+    else:
+        _timed(model, "train", totals, "policy_step_s")
+        totals["critic_s"] = float("nan")
+    start = time.perf_counter()
+    model.learn(steps)
+    total = time.perf_counter() - start
+    env.close()
+    return dict(
+        steps_per_s=model.num_timesteps / total,
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        total_s=total,
+        **totals,
+    )
+
+
+def _run_worker(impl: str, env_id: str, steps: int, seed: int) -> dict[str, float]:
+    command = [sys.executable, "-m", "sb3_trpo.benchmark.speed", "--worker", impl, env_id, str(steps), str(seed)]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def run(
+    envs: list[str], steps: int, repetitions: int, compare: str, seed: int, emit: Callable[[str], None] = print
+) -> dict[str, dict[str, Any]]:
+    """Alternate ``sb3_trpo`` and ``compare`` in fresh processes; return per-env summaries."""
+    summaries: dict[str, dict[str, Any]] = {}
+    for env_id in envs:
+        results: dict[str, list[dict[str, float]]] = {"sb3_trpo": [], compare: []}
+        for repetition in range(repetitions):
+            order = ("sb3_trpo", compare) if repetition % 2 == 0 else (compare, "sb3_trpo")
+            for impl in order:
+                result = _run_worker(impl, env_id, steps, seed)
+                results[impl].append(result)
+                emit(
+                    f"run {env_id} {impl} rep={repetition} steps_per_s={result['steps_per_s']:.0f} "
+                    f"peak_rss_mb={result['peak_rss_mb']:.0f} rollout_s={result['rollout_s']:.2f} "
+                    f"policy_step_s={result['policy_step_s']:.2f} critic_s={result['critic_s']:.2f} "
+                    f"total_s={result['total_s']:.2f}"
+                )
+        ratios = [
+            ours["steps_per_s"] / theirs["steps_per_s"] for ours, theirs in zip(results["sb3_trpo"], results[compare], strict=True)
+        ]
+        summary = {
+            impl: statistics.median(r["steps_per_s"] for r in runs) for impl, runs in results.items()
+        } | {
+            "ratio": statistics.median(ratios),
+            "peak_rss_mb": {impl: max(r["peak_rss_mb"] for r in runs) for impl, runs in results.items()},
+        }
+        summaries[env_id] = summary
+        emit(
+            f"summary {env_id} sb3_trpo={summary['sb3_trpo']:.0f} {compare}={summary[compare]:.0f} "
+            f"ratio={summary['ratio']:.2f} peak_rss_mb sb3_trpo={summary['peak_rss_mb']['sb3_trpo']:.0f} "
+            f"{compare}={summary['peak_rss_mb'][compare]:.0f}"
+        )
+    return summaries
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sb3_trpo.benchmark speed", description=__doc__.splitlines()[0])
+    parser.add_argument("--envs", nargs="+", default=["HalfCheetah-v5", "Hopper-v5"])
+    parser.add_argument("--steps", type=int, default=20_480, help="environment steps per measurement")
+    parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--compare", default="sb3_contrib", choices=[i for i in IMPLEMENTATIONS if i != "sb3_trpo"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--worker", nargs=4, metavar=("IMPL", "ENV", "STEPS", "SEED"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        impl, env_id, steps, seed = args.worker
+        print(json.dumps(measure(impl, env_id, int(steps), int(seed))))
+        return 0
+    for name, value in [("--steps", args.steps), ("--repetitions", args.repetitions)]:
+        if value < 1:
+            parser.error(f"{name} must be >= 1, got {value}")
+    print(f"# settings: n_envs={N_ENVS} VecNormalize MlpPolicy {SETTINGS} OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
+    run(args.envs, args.steps, args.repetitions, args.compare, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
