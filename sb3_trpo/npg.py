@@ -17,7 +17,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.distributions import Distribution, kl_divergence
+from stable_baselines3.common.distributions import DiagGaussianDistribution, Distribution, kl_divergence
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import (
     ActorCriticCnnPolicy,
@@ -273,7 +273,7 @@ class NPG(OnPolicyAlgorithm):
         while n_steps < n_rollout_steps:
             if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
                 self.policy.reset_noise(env.num_envs)
-            with th.no_grad():
+            with th.inference_mode():
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
                 actions = self._sample_actions(obs_tensor).cpu().numpy()
             clipped_actions = actions
@@ -315,8 +315,18 @@ class NPG(OnPolicyAlgorithm):
         return True
 
     def _sample_actions(self, observations: PyTorchObs) -> th.Tensor:
-        """One stochastic action per environment, drawn as SB3's ``ActorCriticPolicy.forward`` draws it."""
-        actions = self.policy.get_distribution(observations).get_actions()  # type: ignore[operator]
+        """One stochastic action per environment, drawn as SB3's ``ActorCriticPolicy.forward`` draws it.
+
+        For SB3's own actor with a diagonal Gaussian, the mean and standard deviation are
+        computed directly and sampled with ``torch.normal``: the same random draw as
+        ``Normal(mean, std).sample()`` without building distribution objects each step.
+        """
+        policy = self.policy
+        if _has_default_gaussian_actor(policy):
+            features = policy.extract_features(observations, policy.pi_features_extractor)  # type: ignore[arg-type]
+            mean = policy.action_net(policy.mlp_extractor.forward_actor(features))
+            return th.normal(mean, th.ones_like(mean) * policy.log_std.exp())  # type: ignore[operator]
+        actions = policy.get_distribution(observations).get_actions()  # type: ignore[operator]
         return actions.reshape((-1, *self.action_space.shape))  # type: ignore[misc]
 
     def _check_observations_finite(self, observations: Any) -> None:
@@ -478,6 +488,7 @@ class NPG(OnPolicyAlgorithm):
         )
         returns = buffer.to_torch(buffer.returns).flatten()
         saved = [param.detach().clone() for param in self.critic_parameters]
+        prefer_fused_adam(self.policy.optimizer)
         losses = []
         for _ in range(self.n_critic_updates):
             permutation = th.from_numpy(np.random.permutation(n_samples))
@@ -583,6 +594,31 @@ def policy_fisher_vector_product(
         return th.func.functional_call(module, prefixed, (), tie_weights=False)
 
     return analytic_fisher_vector_product(forward, named, closed_form, n_samples * kl_terms_per_sample(current))
+
+
+def prefer_fused_adam(optimizer: th.optim.Optimizer) -> None:
+    """Run SB3's default Adam with PyTorch's fused kernel: the same update in one call instead of one per tensor.
+
+    Parameter groups where the user set ``fused`` or ``foreach`` (through
+    ``policy_kwargs["optimizer_kwargs"]``) are left as they are.
+    """
+    if type(optimizer) not in (th.optim.Adam, th.optim.AdamW):
+        return
+    for group in optimizer.param_groups:
+        if group.get("fused") is None and not group.get("foreach") and not group.get("differentiable"):
+            group["fused"] = True
+
+
+def _has_default_gaussian_actor(policy: BasePolicy) -> bool:
+    """Whether ``policy`` computes its Gaussian exactly as SB3's ``ActorCriticPolicy`` does."""
+    cls = type(policy)
+    return (
+        type(getattr(policy, "action_dist", None)) is DiagGaussianDistribution
+        and isinstance(policy, ActorCriticPolicy)
+        and cls.get_distribution is ActorCriticPolicy.get_distribution
+        and cls._get_action_dist_from_latent is ActorCriticPolicy._get_action_dist_from_latent
+        and cls.extract_features is ActorCriticPolicy.extract_features
+    )
 
 
 def _contains(params: list[nn.Parameter], param: nn.Parameter) -> bool:
