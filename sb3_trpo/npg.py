@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -323,7 +323,7 @@ class NPG(OnPolicyAlgorithm):
         """
         policy = self.policy
         if _has_default_gaussian_actor(policy):
-            features = policy.extract_features(observations, policy.pi_features_extractor)  # type: ignore[arg-type]
+            features: Any = policy.extract_features(observations, policy.pi_features_extractor)  # type: ignore[arg-type]
             mean = policy.action_net(policy.mlp_extractor.forward_actor(features))
             return th.normal(mean, th.ones_like(mean) * policy.log_std.exp())  # type: ignore[operator]
         actions = policy.get_distribution(observations).get_actions()  # type: ignore[operator]
@@ -334,8 +334,7 @@ class NPG(OnPolicyAlgorithm):
         for array in arrays:
             if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
                 raise NonFiniteError(
-                    f"non-finite observations in the rollout of update {self._n_updates + 1}; "
-                    "the weights were not changed"
+                    f"non-finite observations in the rollout of update {self._n_updates + 1}; the weights were not changed"
                 )
 
     # ------------------------------------------------------------------ update
@@ -505,8 +504,8 @@ class NPG(OnPolicyAlgorithm):
             param.grad = None
         if self.critic_parameters and not th.isfinite(flatten(self.critic_parameters)).all():
             with th.no_grad():
-                for param, start in zip(self.critic_parameters, saved, strict=True):
-                    param.copy_(start)
+                for param, kept in zip(self.critic_parameters, saved, strict=True):
+                    param.copy_(kept)
             raise NonFiniteError(f"non-finite critic weights after the critic fit of update {update}; they were restored")
         return th.stack(losses).mean().item() if losses else float("nan")
 
@@ -587,7 +586,7 @@ def policy_fisher_vector_product(
     named = {name: param for name, param in policy.named_parameters() if _contains(actor_parameters, param)}
     module = _DistributionParameters(policy, distribution)
 
-    def forward(params: dict[str, th.Tensor]) -> tuple[th.Tensor, ...]:
+    def forward(params: Mapping[str, th.Tensor]) -> tuple[th.Tensor, ...]:
         prefixed = {f"policy.{name}": value for name, value in params.items()}
         # Shared modules are one object: swapping them under one name swaps them everywhere,
         # and tie_weights=True would leave plain tensors in place of the shared parameters.
@@ -611,7 +610,7 @@ def prefer_fused_adam(optimizer: th.optim.Optimizer) -> None:
 
 def _has_default_gaussian_actor(policy: BasePolicy) -> bool:
     """Whether ``policy`` computes its Gaussian exactly as SB3's ``ActorCriticPolicy`` does."""
-    cls = type(policy)
+    cls: Any = type(policy)
     return (
         type(getattr(policy, "action_dist", None)) is DiagGaussianDistribution
         and isinstance(policy, ActorCriticPolicy)
@@ -640,7 +639,7 @@ def split_actor_critic(policy: BasePolicy) -> tuple[list[nn.Parameter], list[nn.
         outputs = distribution_parameters(distribution)
         if outputs is None:
             outputs = (distribution.log_prob(distribution.sample().detach()),)
-        reaches_actor = th.autograd.grad(sum(o.sum() for o in outputs), params, allow_unused=True)
+        reaches_actor = th.autograd.grad(th.stack([o.sum() for o in outputs]).sum(), params, allow_unused=True)
         values = policy.predict_values(observation)  # type: ignore[operator]
         reaches_critic = th.autograd.grad(values.sum(), params, allow_unused=True)
     actor = [p for p, g in zip(params, reaches_actor, strict=True) if g is not None]

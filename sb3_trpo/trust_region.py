@@ -7,7 +7,7 @@ Every function is unit-tested against dense linear algebra on small problems.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch as th
@@ -118,7 +118,7 @@ def kl_hessian_vector_product(kl: th.Tensor, params: Sequence[nn.Parameter]) -> 
 
 
 def analytic_fisher_vector_product(
-    distribution_parameters: Callable[[dict[str, th.Tensor]], tuple[th.Tensor, ...]],
+    distribution_parameters: Callable[[Mapping[str, th.Tensor]], tuple[th.Tensor, ...]],
     params: dict[str, nn.Parameter],
     fisher_product: DistributionFisherProduct,
     n_terms: int,
@@ -149,7 +149,7 @@ def analytic_fisher_vector_product(
     def product(vector: th.Tensor) -> th.Tensor:
         tangents = tuple(unflatten(vector, primals))
         detached = tuple(p.detach() for p in primals)
-        _, output_tangents = th.func.jvp(forward, detached, tangents)
+        output_tangents = th.func.jvp(forward, detached, tangents)[1]
         weighted = [w / n_terms for w in fisher_product(old_outputs, output_tangents)]
         grads = th.autograd.grad(outputs, primals, grad_outputs=weighted, retain_graph=True, allow_unused=True)
         return flatten([th.zeros_like(p) if g is None else g for g, p in zip(grads, primals, strict=True)])

@@ -65,6 +65,7 @@ def measure(impl: str, env_id: str, steps: int, seed: int) -> dict[str, float]:
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import VecNormalize
 
+    algorithm: Any
     if impl == "sb3_trpo":
         from sb3_trpo import TRPO as algorithm
     elif impl == "sb3_contrib":
@@ -117,15 +118,11 @@ def run(
                     f"policy_step_s={result['policy_step_s']:.2f} critic_s={result['critic_s']:.2f} "
                     f"total_s={result['total_s']:.2f}"
                 )
-        ratios = [
-            ours["steps_per_s"] / theirs["steps_per_s"] for ours, theirs in zip(results["sb3_trpo"], results[compare], strict=True)
-        ]
-        summary = {
-            impl: statistics.median(r["steps_per_s"] for r in runs) for impl, runs in results.items()
-        } | {
-            "ratio": statistics.median(ratios),
-            "peak_rss_mb": {impl: max(r["peak_rss_mb"] for r in runs) for impl, runs in results.items()},
-        }
+        pairs = zip(results["sb3_trpo"], results[compare], strict=True)
+        ratios = [ours["steps_per_s"] / theirs["steps_per_s"] for ours, theirs in pairs]
+        summary: dict[str, Any] = {impl: statistics.median(r["steps_per_s"] for r in runs) for impl, runs in results.items()}
+        summary["ratio"] = statistics.median(ratios)
+        summary["peak_rss_mb"] = {impl: max(r["peak_rss_mb"] for r in runs) for impl, runs in results.items()}
         summaries[env_id] = summary
         emit(
             f"summary {env_id} sb3_trpo={summary['sb3_trpo']:.0f} {compare}={summary[compare]:.0f} "
