@@ -132,10 +132,13 @@ class NPG(OnPolicyAlgorithm):
     :param seed: Seed for the pseudo random generators
     :param device: Device (cpu, cuda, ...) on which the code should be run.
         Setting it to auto, the code will be run on the GPU if possible.
-    :param fisher_vector_product: how the Fisher-vector product is computed: ``"analytic"``
-        (Jacobian-vector product through the distribution parameters and their closed-form
-        Fisher; falls back to double backprop for distributions without one) or
-        ``"double_backprop"`` (Hessian of the KL, as sb3-contrib does)
+    :param fisher_vector_product: how the Fisher-vector product is computed: ``"double_backprop"``
+        (Hessian-vector product of the mean KL, as sb3-contrib does) or ``"analytic"``
+        (Jacobian-vector product through the distribution parameters, their closed-form
+        Fisher, and a vector-Jacobian product back; falls back to double backprop for
+        distributions without a closed form). Both give the same product (tested against
+        the dense KL Hessian); double backprop is the default because it measured faster
+        on MLP policies (94 ms against 137 ms per policy step on HalfCheetah-v5).
     :param cg_residual_tol: conjugate gradient stops once the squared residual norm is below this
     :param _init_setup_model: Whether or not to build the network at the creation of the instance
     """
@@ -171,7 +174,7 @@ class NPG(OnPolicyAlgorithm):
         verbose: int = 0,
         seed: int | None = None,
         device: th.device | str = "auto",
-        fisher_vector_product: str = "analytic",
+        fisher_vector_product: str = "double_backprop",
         cg_residual_tol: float = 1e-10,
         _init_setup_model: bool = True,
     ):
