@@ -23,7 +23,7 @@ ACTIVATION_FNS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
 # Sampled parameters stored as exponents or complements, and the hyperparameter each gives.
 _POWERS_OF_TWO = {"n_steps_pow": "n_steps", "batch_size_pow": "batch_size"}
 _COMPLEMENTS = {"one_minus_gamma": "gamma", "one_minus_gae_lambda": "gae_lambda"}
-_POLICY_PARAMS = ("net_arch", "activation_fn", "log_std_init", "ortho_init")
+_POLICY_PARAMS = ("net_arch", "activation_fn", "log_std_init", "ortho_init", "lstm_hidden_size", "enable_critic_lstm")
 
 
 def sample_npg_params(trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
@@ -37,7 +37,7 @@ def sample_npg_params(trial: optuna.Trial, n_actions: int, n_envs: int, addition
     :return: keyword arguments for :class:`sb3_trpo.NPG`
     """
     _suggest_natural_gradient(trial, n_actions)
-    return _store_config_entry(trial)
+    return store_config_entry(trial)
 
 
 def sample_trpo_params(trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
@@ -50,7 +50,7 @@ def sample_trpo_params(trial: optuna.Trial, n_actions: int, n_envs: int, additio
     _suggest_natural_gradient(trial, n_actions)
     trial.suggest_float("line_search_shrinking_factor", 0.5, 0.9)
     trial.suggest_int("line_search_max_iter", 5, 20)
-    return _store_config_entry(trial)
+    return store_config_entry(trial)
 
 
 def _suggest_natural_gradient(trial: optuna.Trial, n_actions: int) -> None:
@@ -73,7 +73,8 @@ def _suggest_natural_gradient(trial: optuna.Trial, n_actions: int) -> None:
         trial.suggest_float("log_std_init", -3.0, 1.0)
 
 
-def _store_config_entry(trial: optuna.Trial) -> dict[str, Any]:
+def store_config_entry(trial: optuna.Trial) -> dict[str, Any]:
+    """Store the trial's rl-zoo3 config entry as user attributes; return its constructor arguments."""
     for name, value in config_entry(trial.params).items():
         trial.set_user_attr(name, value)
     return convert_params(trial.params)
@@ -98,8 +99,10 @@ def _policy_kwargs(params: Mapping[str, Any]) -> dict[str, Any]:
         "activation_fn": ACTIVATION_FNS[params["activation_fn"]],
         "ortho_init": params["ortho_init"],
     }
-    if "log_std_init" in params:
-        policy_kwargs["log_std_init"] = params["log_std_init"]
+    # Optional policy options: the Gaussian's initial log-std, and RecurrentTRPO's LSTM.
+    for name in ("log_std_init", "lstm_hidden_size", "enable_critic_lstm"):
+        if name in params:
+            policy_kwargs[name] = params[name]
     return policy_kwargs
 
 

@@ -27,7 +27,7 @@ from stable_baselines3.common.type_aliases import GymEnv, PyTorchObs, Schedule
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
-from sb3_trpo.hyperparams import sample_trpo_params
+from sb3_trpo.hyperparams import sample_trpo_params, store_config_entry
 from sb3_trpo.npg import NonFiniteError, PolicyBatch, split_actor_critic
 from sb3_trpo.trpo import TRPO
 from sb3_trpo.trust_region import flatten
@@ -335,15 +335,7 @@ def sample_trpo_lstm_params(trial: optuna.Trial, n_actions: int, n_envs: int, ad
 
     :return: keyword arguments for :class:`sb3_trpo.RecurrentTRPO`
     """
-    hyperparams = sample_trpo_params(trial, n_actions, n_envs, additional_args)
-    lstm = {
-        "lstm_hidden_size": trial.suggest_categorical("lstm_hidden_size", list(LSTM_HIDDEN_SIZES)),
-        "enable_critic_lstm": trial.suggest_categorical("enable_critic_lstm", [True, False]),
-    }
-    hyperparams["policy_kwargs"].update(lstm)
-    # The config entry stored by sample_trpo_params gets the LSTM options too.
-    entry = trial.user_attrs.get("policy_kwargs")
-    if isinstance(entry, str) and entry.endswith(")"):
-        extra = ", ".join(f"{name}={value!r}" for name, value in lstm.items())
-        trial.set_user_attr("policy_kwargs", f"{entry[:-1]}, {extra})")
-    return hyperparams
+    sample_trpo_params(trial, n_actions, n_envs, additional_args)
+    trial.suggest_categorical("lstm_hidden_size", list(LSTM_HIDDEN_SIZES))
+    trial.suggest_categorical("enable_critic_lstm", [True, False])
+    return store_config_entry(trial)

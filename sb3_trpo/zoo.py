@@ -33,6 +33,8 @@ from stable_baselines3.common.vec_env import VecEnv
 
 import sb3_trpo
 from sb3_trpo.hyperparams import check_env_id, check_storage, config_entry, sample_npg_params, sample_trpo_params
+from sb3_trpo.maskable import sample_trpo_mask_params
+from sb3_trpo.recurrent import sample_trpo_lstm_params
 
 Sampler = Callable[[optuna.Trial, int, int, dict], dict[str, Any]]
 
@@ -61,8 +63,8 @@ class ZooAlgorithm:
 ZOO_ALGORITHMS: dict[str, ZooAlgorithm] = {
     "trpo": ZooAlgorithm("TRPO", sample_trpo_params),
     "npg": ZooAlgorithm("NPG", sample_npg_params),
-    "trpo_lstm": ZooAlgorithm("RecurrentTRPO", sample_trpo_params),
-    "trpo_mask": ZooAlgorithm("MaskableTRPO", sample_trpo_params),
+    "trpo_lstm": ZooAlgorithm("RecurrentTRPO", sample_trpo_lstm_params),
+    "trpo_mask": ZooAlgorithm("MaskableTRPO", sample_trpo_mask_params),
 }
 
 
