@@ -29,8 +29,8 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorch
 from stable_baselines3.common.utils import explained_variance, obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
-from torch.nn import functional as F
 
+from sb3_trpo.critic import BackgroundCriticFit, CriticFitJob, fit_critic, index_observations
 from sb3_trpo.distributions import distribution_parameters, fisher_product, kl_terms_per_sample
 from sb3_trpo.rollout import TruncationBootstraps, actions_for_log_prob, fill_values_and_log_probs
 from sb3_trpo.trust_region import (
@@ -79,13 +79,6 @@ class PolicyStepStats:
     step_norm: float
     entropy: float | None
     skipped: bool = False
-
-
-def index_observations(observations: PyTorchObs, index: th.Tensor | slice) -> PyTorchObs:
-    """Select rows of a tensor or of every tensor of a dict observation."""
-    if isinstance(observations, dict):
-        return {key: value[index] for key, value in observations.items()}
-    return observations[index]
 
 
 class NPG(OnPolicyAlgorithm):
@@ -140,6 +133,10 @@ class NPG(OnPolicyAlgorithm):
         the dense KL Hessian); double backprop is the default because it measured faster
         on MLP policies (94 ms against 137 ms per policy step on HalfCheetah-v5).
     :param cg_residual_tol: conjugate gradient stops once the squared residual norm is below this
+    :param background_critic_fit: fit the critic in a second process, on another core, while the
+        next rollout is collected (CPU only, Adam/AdamW). The numbers are those of the
+        sequential fit; the value loss of an update is logged with the next one. Off by default:
+        it forks a process, and moves the policy's weights to shared memory.
     :param _init_setup_model: Whether or not to build the network at the creation of the instance
     """
 
@@ -176,6 +173,7 @@ class NPG(OnPolicyAlgorithm):
         device: th.device | str = "auto",
         fisher_vector_product: str = "double_backprop",
         cg_residual_tol: float = 1e-10,
+        background_critic_fit: bool = False,
         _init_setup_model: bool = True,
     ):
         check_hyperparameter("target_kl", target_kl, target_kl > 0, "> 0")
@@ -243,6 +241,9 @@ class NPG(OnPolicyAlgorithm):
         self.n_critic_updates = n_critic_updates
         self.sub_sampling_factor = sub_sampling_factor
         self.fisher_vector_product = fisher_vector_product
+        self.background_critic_fit = background_critic_fit
+        self._background_critic: BackgroundCriticFit | None = None
+        self._pending_critic_update = 0
         self.actor_parameters: list[nn.Parameter] = []
         self.critic_parameters: list[nn.Parameter] = []
 
@@ -252,6 +253,14 @@ class NPG(OnPolicyAlgorithm):
     def _setup_model(self) -> None:
         super()._setup_model()
         self.actor_parameters, self.critic_parameters = split_actor_critic(self.policy)
+        if self.background_critic_fit:
+            optimizer = type(self.policy.optimizer)
+            check_hyperparameter(
+                "background_critic_fit",
+                True,
+                optimizer in (th.optim.Adam, th.optim.AdamW) and self.device.type == "cpu",
+                f"False unless the critic's optimizer is Adam or AdamW on the CPU (got {optimizer.__name__} on {self.device})",
+            )
 
     # ----------------------------------------------------------------- rollout
     def collect_rollouts(
@@ -309,6 +318,7 @@ class NPG(OnPolicyAlgorithm):
             )
             self._last_obs = new_obs  # type: ignore[assignment]
             self._last_episode_starts = dones
+        self._finish_critic_fit()
         fill_values_and_log_probs(self.policy, rollout_buffer, bootstraps, self.gamma)  # type: ignore[arg-type]
         with th.no_grad():
             values = self.policy.predict_values(obs_as_tensor(new_obs, self.device))  # type: ignore[arg-type]
@@ -479,40 +489,64 @@ class NPG(OnPolicyAlgorithm):
         kl = self._mean_kl(old_distribution, distribution, batch)
         return kl_hessian_vector_product(kl, self.actor_parameters)
 
-    def _fit_critic(self, update: int) -> float:
-        """Fit the value function on the returns, moving only parameters the actor does not use."""
+    def _fit_critic(self, update: int) -> float | None:
+        """Fit the value function on the returns, moving only parameters the actor does not use.
+
+        :return: the mean value loss, or None when the fit runs in the background
+        """
         buffer = self.rollout_buffer
         n_samples = buffer.buffer_size * buffer.n_envs
-        observations = (
-            buffer.to_torch(buffer.observations)
-            if not isinstance(buffer.observations, dict)
-            else {key: buffer.to_torch(value) for key, value in buffer.observations.items()}
+        # The same random minibatch order as sb3-contrib's buffer.get(batch_size), epoch by epoch.
+        permutations = np.stack([np.random.permutation(n_samples) for _ in range(self.n_critic_updates)])
+        job = CriticFitJob(
+            buffer.observations,
+            buffer.returns.flatten(),
+            permutations.reshape(-1, n_samples),
+            self.batch_size,
+            self.policy.optimizer.param_groups[0]["lr"],
         )
-        returns = buffer.to_torch(buffer.returns).flatten()
-        saved = [param.detach().clone() for param in self.critic_parameters]
-        prefer_fused_adam(self.policy.optimizer)
-        losses = []
-        for _ in range(self.n_critic_updates):
-            permutation = th.from_numpy(np.random.permutation(n_samples))
-            for start in range(0, n_samples, self.batch_size):
-                indices = permutation[start : start + self.batch_size]
-                values = self.policy.predict_values(index_observations(observations, indices)).flatten()
-                loss = F.mse_loss(returns[indices], values)
-                grads = th.autograd.grad(loss, self.critic_parameters)
-                for param, grad in zip(self.critic_parameters, grads, strict=True):
-                    param.grad = grad
-                self.policy.optimizer.step()
-                losses.append(loss.detach())
-        for param in self.critic_parameters:
-            param.grad = None
-        if self.critic_parameters and not th.isfinite(flatten(self.critic_parameters)).all():
-            with th.no_grad():
-                for param, kept in zip(self.critic_parameters, saved, strict=True):
-                    param.copy_(kept)
-            raise NonFiniteError(f"non-finite critic weights after the critic fit of update {update}; they were restored")
-        return th.stack(losses).mean().item() if losses else float("nan")
+        if self.background_critic_fit:
+            if self._background_critic is None:
+                self._background_critic = BackgroundCriticFit(self.policy, self.policy.optimizer, self.critic_parameters)
+            self._background_critic.submit(job)
+            self._pending_critic_update = update
+            return None
+        return self._critic_loss(fit_critic(self.policy, self.policy.optimizer, self.critic_parameters, job), update)
 
-    def _log_update(self, stats: PolicyStepStats, value_loss: float) -> None:
+    def _critic_loss(self, loss: float | None, update: int) -> float:
+        if loss is None:
+            raise NonFiniteError(f"non-finite critic weights after the critic fit of update {update}; they were restored")
+        return loss
+
+    def _finish_critic_fit(self) -> None:
+        """Wait for a critic fit running in the background and log its loss."""
+        if self._background_critic is not None and self._background_critic.pending:
+            loss = self._critic_loss(self._background_critic.result(), self._pending_critic_update)
+            self.logger.record("train/value_loss", loss)
+
+    def _stop_background_critic(self) -> None:
+        if self._background_critic is not None:
+            self._finish_critic_fit()
+            self._background_critic.close()
+            self._background_critic = None
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "_background_critic"]
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        self._finish_critic_fit()
+        super().save(*args, **kwargs)
+
+    def set_parameters(self, *args: Any, **kwargs: Any) -> None:
+        # Loading replaces the optimizer state that a background worker shares.
+        self._stop_background_critic()
+        super().set_parameters(*args, **kwargs)
+
+    def __del__(self) -> None:
+        if getattr(self, "_background_critic", None) is not None:
+            self._background_critic.close()  # type: ignore[union-attr]
+
+    def _log_update(self, stats: PolicyStepStats, value_loss: float | None) -> None:
         search = stats.line_search
         buffer = self.rollout_buffer
         self.logger.record("train/policy_objective", search.objective if search.success else stats.objective_before)
@@ -529,7 +563,8 @@ class NPG(OnPolicyAlgorithm):
         self.logger.record("train/skipped_update", float(stats.skipped))
         if stats.entropy is not None:
             self.logger.record("train/entropy", stats.entropy)
-        self.logger.record("train/value_loss", value_loss)
+        if value_loss is not None:
+            self.logger.record("train/value_loss", value_loss)
         self.logger.record("train/explained_variance", explained_variance(buffer.values.flatten(), buffer.returns.flatten()))
         if hasattr(self.policy, "log_std"):
             self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
@@ -544,14 +579,18 @@ class NPG(OnPolicyAlgorithm):
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> SelfNPG:
-        return super().learn(
-            total_timesteps=total_timesteps,
-            callback=callback,
-            log_interval=log_interval,
-            tb_log_name=type(self).__name__ if tb_log_name is None else tb_log_name,
-            reset_num_timesteps=reset_num_timesteps,
-            progress_bar=progress_bar,
-        )
+        try:
+            return super().learn(
+                total_timesteps=total_timesteps,
+                callback=callback,
+                log_interval=log_interval,
+                tb_log_name=type(self).__name__ if tb_log_name is None else tb_log_name,
+                reset_num_timesteps=reset_num_timesteps,
+                progress_bar=progress_bar,
+            )
+        finally:
+            # The model a user gets back has its critic fitted.
+            self._finish_critic_fit()
 
 
 class _DistributionParameters(nn.Module):
@@ -596,19 +635,6 @@ def policy_fisher_vector_product(
         return th.func.functional_call(module, prefixed, (), tie_weights=False)
 
     return analytic_fisher_vector_product(forward, named, closed_form, n_samples * kl_terms_per_sample(current))
-
-
-def prefer_fused_adam(optimizer: th.optim.Optimizer) -> None:
-    """Run SB3's default Adam with PyTorch's fused kernel: the same update in one call instead of one per tensor.
-
-    Parameter groups where the user set ``fused`` or ``foreach`` (through
-    ``policy_kwargs["optimizer_kwargs"]``) are left as they are.
-    """
-    if type(optimizer) not in (th.optim.Adam, th.optim.AdamW):
-        return
-    for group in optimizer.param_groups:
-        if group.get("fused") is None and not group.get("foreach") and not group.get("differentiable"):
-            group["fused"] = True
 
 
 def _has_default_gaussian_actor(policy: BasePolicy) -> bool:

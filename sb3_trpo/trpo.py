@@ -62,6 +62,7 @@ class TRPO(NPG):
         device: th.device | str = "auto",
         fisher_vector_product: str = "double_backprop",
         cg_residual_tol: float = 1e-10,
+        background_critic_fit: bool = False,
         _init_setup_model: bool = True,
     ):
         check_hyperparameter(
@@ -99,6 +100,7 @@ class TRPO(NPG):
             device=device,
             fisher_vector_product=fisher_vector_product,
             cg_residual_tol=cg_residual_tol,
+            background_critic_fit=background_critic_fit,
             _init_setup_model=_init_setup_model,
         )
 

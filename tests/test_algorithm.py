@@ -381,3 +381,37 @@ def test_policy_objective_logged_matches_accepted_step() -> None:
     model.learn(64)
     assert records["train/kl_divergence_loss"] == records["train/accepted_kl"]
     copy.deepcopy(records)
+
+
+def test_background_critic_fit_gives_the_sequential_weights_and_optimizer_state(tmp_path) -> None:
+    def run(background: bool) -> TRPO:
+        model = TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=background, **SMALL)
+        records = capture_logs(model)
+        model.learn(3 * 64)
+        assert records["train/value_loss"] > 0
+        return model
+
+    sequential, background = run(False), run(True)
+    assert background._background_critic is not None and background._background_critic._process.is_alive()
+    for a, b in zip(sequential.policy.parameters(), background.policy.parameters(), strict=True):
+        assert th.equal(a, b)
+    states = sequential.policy.optimizer.state_dict()["state"], background.policy.optimizer.state_dict()["state"]
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        assert all(th.equal(states[0][key][name], states[1][key][name]) for name in states[0][key])
+    # Saved and loaded, the model trains on (with a new worker) and matches the sequential one again.
+    background.save(tmp_path / "model")
+    loaded = TRPO.load(tmp_path / "model", env=make_vec_env("Pendulum-v1"))
+    assert loaded.background_critic_fit
+    assert all(th.equal(a, b) for a, b in zip(loaded.policy.parameters(), background.policy.parameters(), strict=True))
+    background._stop_background_critic()
+
+
+def test_background_critic_fit_refuses_other_optimizers() -> None:
+    with pytest.raises(ValueError, match=r"^background_critic_fit must be False unless the critic's optimizer is Adam"):
+        TRPO(
+            "MlpPolicy",
+            "Pendulum-v1",
+            background_critic_fit=True,
+            policy_kwargs=dict(optimizer_class=th.optim.RMSprop),
+        )

@@ -1,0 +1,182 @@
+"""The critic's regression on the returns, in this process or in a background process.
+
+TRPO fits its critic after the trust-region step, and the next rollout does not need the
+critic until its end (values are computed in one batched pass after the rollout). So the
+fit can run in a second process, on another core, while the next rollout is collected:
+:class:`BackgroundCriticFit`. Both paths run :func:`fit_critic`, with the same minibatch
+order, so they compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+import torch as th
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import PyTorchObs
+from torch import nn
+from torch.nn import functional as F
+
+
+def index_observations(observations: PyTorchObs, index: th.Tensor | slice) -> PyTorchObs:
+    """Select rows of a tensor or of every tensor of a dict observation."""
+    if isinstance(observations, dict):
+        return {key: value[index] for key, value in observations.items()}
+    return observations[index]
+
+
+def prefer_fused_adam(optimizer: th.optim.Optimizer) -> None:
+    """Run SB3's default Adam with PyTorch's fused kernel: the same update in one call instead of one per tensor.
+
+    Parameter groups where the user set ``fused`` or ``foreach`` (through
+    ``policy_kwargs["optimizer_kwargs"]``) are left as they are.
+    """
+    if type(optimizer) not in (th.optim.Adam, th.optim.AdamW):
+        return
+    for group in optimizer.param_groups:
+        if group.get("fused") is None and not group.get("foreach") and not group.get("differentiable"):
+            group["fused"] = True
+
+
+@dataclass
+class CriticFitJob:
+    """One critic fit: the rollout's observations and returns, and the minibatch order of every epoch."""
+
+    observations: np.ndarray | dict[str, np.ndarray]
+    returns: np.ndarray
+    permutations: np.ndarray  # (epochs, samples)
+    batch_size: int
+    learning_rate: float
+
+
+def _as_tensors(observations: np.ndarray | dict[str, np.ndarray], device: th.device) -> PyTorchObs:
+    if isinstance(observations, dict):
+        return {key: th.as_tensor(value, device=device) for key, value in observations.items()}
+    return th.as_tensor(observations, device=device)
+
+
+def fit_critic(
+    policy: BasePolicy, optimizer: th.optim.Optimizer, critic_parameters: list[nn.Parameter], job: CriticFitJob
+) -> float | None:
+    """Minibatch regression of ``policy.predict_values`` on the returns, moving only ``critic_parameters``.
+
+    :return: the mean minibatch loss, or None when a weight became non-finite; the critic
+        weights are then put back as they were before the fit
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = job.learning_rate
+    prefer_fused_adam(optimizer)
+    observations = _as_tensors(job.observations, policy.device)
+    returns = th.as_tensor(job.returns, device=policy.device)
+    saved = [param.detach().clone() for param in critic_parameters]
+    losses = []
+    n_samples = len(returns)
+    for permutation in th.as_tensor(job.permutations, device=policy.device):
+        for start in range(0, n_samples, job.batch_size):
+            indices = permutation[start : start + job.batch_size]
+            values = policy.predict_values(index_observations(observations, indices)).flatten()  # type: ignore[operator]
+            loss = F.mse_loss(returns[indices], values)
+            grads = th.autograd.grad(loss, critic_parameters)
+            for param, grad in zip(critic_parameters, grads, strict=True):
+                param.grad = grad
+            optimizer.step()
+            losses.append(loss.detach())
+    for param in critic_parameters:
+        param.grad = None
+    if critic_parameters and not all(bool(th.isfinite(param).all()) for param in critic_parameters):
+        with th.no_grad():
+            for param, kept in zip(critic_parameters, saved, strict=True):
+                param.copy_(kept)
+        return None
+    return th.stack(losses).mean().item() if losses else float("nan")
+
+
+def _initialize_adam_state(optimizer: th.optim.Optimizer, params: list[nn.Parameter]) -> None:
+    """Create Adam's state for ``params`` as its first step would, so that it can be shared before that step."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if not any(param is p for p in params) or optimizer.state[param]:
+                continue
+            state = optimizer.state[param]
+            state["step"] = th.zeros((), dtype=th.float32, device=param.device)
+            state["exp_avg"] = th.zeros_like(param, memory_format=th.preserve_format)
+            state["exp_avg_sq"] = th.zeros_like(param, memory_format=th.preserve_format)
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = th.zeros_like(param, memory_format=th.preserve_format)
+
+
+def _serve(
+    connection: Connection, policy: BasePolicy, optimizer: th.optim.Optimizer, critic_parameters: list[nn.Parameter]
+) -> None:
+    # This process is the worker's own: one thread leaves the other core to the rollout.
+    th.set_num_threads(1)
+    while True:
+        job = connection.recv()
+        if job is None:
+            return
+        try:
+            connection.send(("done", fit_critic(policy, optimizer, critic_parameters, job)))
+        except Exception:  # reported to the training process, which raises it
+            connection.send(("error", traceback.format_exc()))
+
+
+class BackgroundCriticFit:
+    """Fits the critic in a forked process whose weights and Adam state are shared with this one.
+
+    The policy's parameters and the critic's Adam state move to shared memory, so the
+    worker's updates are the training process's weights and optimizer state: saving,
+    loading and evaluating see them as usual once :meth:`result` has returned.
+    Only Adam and AdamW on the CPU are supported.
+    """
+
+    def __init__(self, policy: BasePolicy, optimizer: th.optim.Optimizer, critic_parameters: list[nn.Parameter]):
+        if type(optimizer) not in (th.optim.Adam, th.optim.AdamW):
+            raise ValueError(f"background_critic_fit needs Adam or AdamW, got {type(optimizer).__name__}")
+        if policy.device.type != "cpu":
+            raise ValueError(f"background_critic_fit runs on the CPU only, the policy is on {policy.device}")
+        _initialize_adam_state(optimizer, critic_parameters)
+        policy.share_memory()
+        for param in critic_parameters:
+            for value in optimizer.state[param].values():
+                value.share_memory_()
+        self._connection, child = multiprocessing.get_context("fork").Pipe()
+        self._process = multiprocessing.get_context("fork").Process(
+            target=_serve, args=(child, policy, optimizer, critic_parameters), daemon=True
+        )
+        self._process.start()
+        child.close()
+        self.pending = False
+
+    def submit(self, job: CriticFitJob) -> None:
+        """Start fitting; the caller must call :meth:`result` before using the critic."""
+        assert not self.pending, "the previous critic fit was not collected"
+        self._connection.send(job)
+        self.pending = True
+
+    def result(self) -> float | None:
+        """Wait for the fit; its mean loss, or None when the weights became non-finite (and were restored)."""
+        assert self.pending, "no critic fit was submitted"
+        status, value = self._connection.recv()
+        self.pending = False
+        if status == "error":
+            raise RuntimeError(f"the background critic fit failed:\n{value}")
+        return value
+
+    def close(self) -> None:
+        """Stop the worker process."""
+        if self._process.is_alive():
+            with contextlib.suppress(BrokenPipeError, OSError):
+                self._connection.send(None)
+            self._process.join(timeout=5)
+            if self._process.is_alive():
+                self._process.kill()
+        self._connection.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError("a background critic fit cannot be pickled")
