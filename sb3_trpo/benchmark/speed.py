@@ -1,6 +1,6 @@
 """End-to-end throughput of sb3_trpo's TRPO against another implementation, side by side.
 
-``python -m sb3_trpo.benchmark speed [--envs ...] [--steps N] [--repetitions R] [--compare sb3_contrib]``
+``python -m sb3_trpo.benchmark speed [--envs ...] [--steps N] [--repetitions R] [--compare sb3_contrib] [--background-critic]``
 
 Each measurement trains one implementation in a fresh Python process (so imports,
 caches and allocator state do not leak between them); the implementations alternate,
@@ -60,7 +60,7 @@ def _timed(obj: Any, name: str, totals: dict[str, float], key: str) -> None:
     setattr(obj, name, wrapper)
 
 
-def measure(impl: str, env_id: str, steps: int, seed: int) -> dict[str, float]:
+def measure(impl: str, env_id: str, steps: int, seed: int, background_critic: bool = False) -> dict[str, float]:
     """Train ``impl`` for ``steps`` environment steps in this process and time its phases."""
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import VecNormalize
@@ -73,7 +73,8 @@ def measure(impl: str, env_id: str, steps: int, seed: int) -> dict[str, float]:
     else:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     env = VecNormalize(make_vec_env(env_id, n_envs=N_ENVS, seed=seed))
-    model = algorithm("MlpPolicy", env, seed=seed, **SETTINGS)
+    options = {"background_critic_fit": True} if background_critic and impl == "sb3_trpo" else {}
+    model = algorithm("MlpPolicy", env, seed=seed, **SETTINGS, **options)
     totals: dict[str, float] = defaultdict(float)
     _timed(model, "collect_rollouts", totals, "rollout_s")
     if impl == "sb3_trpo":
@@ -94,14 +95,21 @@ def measure(impl: str, env_id: str, steps: int, seed: int) -> dict[str, float]:
     )
 
 
-def _run_worker(impl: str, env_id: str, steps: int, seed: int) -> dict[str, float]:
+def _run_worker(impl: str, env_id: str, steps: int, seed: int, background_critic: bool) -> dict[str, float]:
     command = [sys.executable, "-m", "sb3_trpo.benchmark.speed", "--worker", impl, env_id, str(steps), str(seed)]
+    command += ["--background-critic"] if background_critic else []
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
 def run(
-    envs: list[str], steps: int, repetitions: int, compare: str, seed: int, emit: Callable[[str], None] = print
+    envs: list[str],
+    steps: int,
+    repetitions: int,
+    compare: str,
+    seed: int,
+    background_critic: bool = False,
+    emit: Callable[[str], None] = print,
 ) -> dict[str, dict[str, Any]]:
     """Alternate ``sb3_trpo`` and ``compare`` in fresh processes; return per-env summaries."""
     summaries: dict[str, dict[str, Any]] = {}
@@ -110,7 +118,7 @@ def run(
         for repetition in range(repetitions):
             order = ("sb3_trpo", compare) if repetition % 2 == 0 else (compare, "sb3_trpo")
             for impl in order:
-                result = _run_worker(impl, env_id, steps, seed)
+                result = _run_worker(impl, env_id, steps, seed, background_critic)
                 results[impl].append(result)
                 emit(
                     f"run {env_id} {impl} rep={repetition} steps_per_s={result['steps_per_s']:.0f} "
@@ -139,17 +147,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--compare", default="sb3_contrib", choices=[i for i in IMPLEMENTATIONS if i != "sb3_trpo"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--background-critic", action="store_true", help="run sb3_trpo with background_critic_fit=True (same numbers)"
+    )
     parser.add_argument("--worker", nargs=4, metavar=("IMPL", "ENV", "STEPS", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         impl, env_id, steps, seed = args.worker
-        print(json.dumps(measure(impl, env_id, int(steps), int(seed))))
+        print(json.dumps(measure(impl, env_id, int(steps), int(seed), args.background_critic)))
         return 0
     for name, value in [("--steps", args.steps), ("--repetitions", args.repetitions)]:
         if value < 1:
             parser.error(f"{name} must be >= 1, got {value}")
-    print(f"# settings: n_envs={N_ENVS} VecNormalize MlpPolicy {SETTINGS} OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
-    run(args.envs, args.steps, args.repetitions, args.compare, args.seed)
+    print(
+        f"# settings: n_envs={N_ENVS} VecNormalize MlpPolicy {SETTINGS} background_critic_fit={args.background_critic} "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}"
+    )
+    run(args.envs, args.steps, args.repetitions, args.compare, args.seed, args.background_critic)
     return 0
 
 
