@@ -497,7 +497,7 @@ class NPG(OnPolicyAlgorithm):
         buffer = self.rollout_buffer
         n_samples = buffer.buffer_size * buffer.n_envs
         # The same random minibatch order as sb3-contrib's buffer.get(batch_size), epoch by epoch.
-        permutations = np.stack([np.random.permutation(n_samples) for _ in range(self.n_critic_updates)])
+        permutations = np.array([np.random.permutation(n_samples) for _ in range(self.n_critic_updates)], dtype=np.int64)
         job = CriticFitJob(
             buffer.observations,
             buffer.returns.flatten(),

@@ -415,3 +415,11 @@ def test_background_critic_fit_refuses_other_optimizers() -> None:
             background_critic_fit=True,
             policy_kwargs=dict(optimizer_class=th.optim.RMSprop),
         )
+
+
+def test_zero_critic_updates_leave_the_critic_unchanged() -> None:
+    model = TRPO("MlpPolicy", "Pendulum-v1", **{**SMALL, "n_critic_updates": 0})
+    critic_before, actor_before = critic_vector(model), actor_vector(model)
+    model.learn(2 * 64)
+    assert th.equal(critic_before, critic_vector(model))
+    assert not th.equal(actor_before, actor_vector(model))
