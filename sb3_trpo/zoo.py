@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import optuna
 import rl_zoo3.train
 from rl_zoo3.enjoy import enjoy as rl_zoo3_enjoy
@@ -63,9 +64,19 @@ class ZooAlgorithm:
 ZOO_ALGORITHMS: dict[str, ZooAlgorithm] = {
     "trpo": ZooAlgorithm("TRPO", sample_trpo_params),
     "npg": ZooAlgorithm("NPG", sample_npg_params),
-    "trpo_lstm": ZooAlgorithm("RecurrentTRPO", sample_trpo_lstm_params),
-    "trpo_mask": ZooAlgorithm("MaskableTRPO", sample_trpo_mask_params),
+    "trpo_lstm": ZooAlgorithm("RecurrentTRPO", sample_trpo_lstm_params, "trpo_lstm.yml"),
+    "trpo_mask": ZooAlgorithm("MaskableTRPO", sample_trpo_mask_params, "trpo_mask.yml"),
 }
+
+# The demonstration task of trpo_mask: an environment with action_masks().
+MASKED_DEMO_ENV = "InvalidActionEnvDiscrete-v0"
+if MASKED_DEMO_ENV not in gym.registry:
+    gym.register(
+        MASKED_DEMO_ENV,
+        entry_point="sb3_contrib.common.envs:InvalidActionEnvDiscrete",
+        kwargs=dict(dim=20, n_invalid_actions=10),
+        max_episode_steps=500,
+    )
 
 
 class ZooInputError(ValueError):

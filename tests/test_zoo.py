@@ -280,3 +280,27 @@ def test_unusable_storage_stops_before_training(storage: str, expected: str, tmp
     )  # fmt: skip
     assert expected in message and "secret" not in message
     assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize(
+    ("algo", "env_id", "policy"),
+    [
+        ("trpo_lstm", "PendulumNoVel-v1", "MlpLstmPolicy"),
+        ("trpo_lstm", "CartPoleNoVel-v1", "MlpLstmPolicy"),
+        ("trpo_mask", "InvalidActionEnvDiscrete-v0", "MlpPolicy"),
+    ],
+)
+def test_variant_config_entries_build_their_models(
+    algo: str, env_id: str, policy: str, tmp_path: Path, rl_zoo3_registries: None
+) -> None:
+    import rl_zoo3.import_envs  # noqa: F401  (registers the NoVel tasks)
+
+    register()
+    manager = CheckedExperimentManager(
+        argparse.Namespace(), algo, env_id, str(tmp_path), config=str(CONFIG_DIR / f"{algo}.yml")
+    )
+    hyperparams, _ = manager.read_hyperparameters()
+    # Raises ZooInputError unless the variant builds on the environment from this entry.
+    kwargs, *_ = manager._preprocess_hyperparams(hyperparams)
+    assert kwargs["policy"] == policy
+    assert ALGOS[algo] is getattr(sb3_trpo, {"trpo_lstm": "RecurrentTRPO", "trpo_mask": "MaskableTRPO"}[algo])
