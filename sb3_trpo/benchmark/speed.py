@@ -15,9 +15,11 @@ peak_rss_mb <impl>=<m> <compare>=<m>
 
 ``peak_rss_mb`` is the peak resident memory of the training process plus that of its
 largest child process (the background critic worker, with ``--background-critic``; shared
-pages are counted twice, so it is an upper bound). ``rollout_s`` is the time in ``collect_rollouts`` and ``policy_step_s`` + ``critic_s`` the time
-in ``train`` (for implementations without separate phases the whole ``train`` is
-reported as ``policy_step_s`` and ``critic_s`` is ``nan``).
+pages are counted twice, so it is an upper bound). ``rollout_s`` is the time in
+``collect_rollouts`` and ``policy_step_s`` + ``critic_s`` the time in ``train`` (for
+implementations without separate phases the whole ``train`` is reported as
+``policy_step_s`` and ``critic_s`` is ``nan``; with ``--background-critic``, ``critic_s`` is
+the time spent submitting the fit, and waiting for it is part of ``rollout_s``).
 """
 
 from __future__ import annotations
