@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import numpy as np
 import torch as th
 from gymnasium import spaces
@@ -11,6 +14,8 @@ from stable_baselines3.common.torch_layers import FlattenExtractor
 
 from sb3_trpo.npg import split_actor_critic
 from sb3_trpo.trust_region import unflatten
+
+T = TypeVar("T")
 
 OBSERVATION_SPACE = spaces.Box(-1.0, 1.0, (3,), dtype=np.float32)
 
@@ -60,6 +65,16 @@ def small_policy(kind: str, seed: int = 0, shared_extractor: bool = False) -> Ac
         with th.no_grad():
             policy.log_std.add_(0.1 * th.randn_like(policy.log_std))
     return policy
+
+
+def in_float64(build: Callable[[], T]) -> T:
+    """Build a model with float64 parameters (the dense checks run in double precision)."""
+    default = th.get_default_dtype()
+    th.set_default_dtype(th.float64)
+    try:
+        return build()
+    finally:
+        th.set_default_dtype(default)
 
 
 def observations(n: int = 7, seed: int = 1) -> th.Tensor:

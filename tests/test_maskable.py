@@ -22,7 +22,7 @@ from stable_baselines3.common.envs import IdentityEnv
 from sb3_trpo import MaskableTRPO
 from sb3_trpo.maskable import MaskablePolicyBatch, masked_categorical_kl
 from sb3_trpo.trust_region import unflatten
-from tests.helpers import DoubleFlatten
+from tests.helpers import DoubleFlatten, in_float64
 
 ENVS = {
     "discrete": lambda: InvalidActionEnvDiscrete(dim=5, n_invalid_actions=2),
@@ -53,10 +53,8 @@ def random_masks(sizes: list[int], n: int, generator: th.Generator) -> th.Tensor
 
 def tiny_double_model(kind: str, method: str = "analytic") -> MaskableTRPO:
     """A MaskableTRPO whose policy computes in float64, for the dense checks."""
-    default = th.get_default_dtype()
-    th.set_default_dtype(th.float64)
-    try:
-        return MaskableTRPO(
+    return in_float64(
+        lambda: MaskableTRPO(
             "MlpPolicy",
             ENVS[kind](),
             n_steps=8,
@@ -64,8 +62,7 @@ def tiny_double_model(kind: str, method: str = "analytic") -> MaskableTRPO:
             policy_kwargs=dict(net_arch=[4], features_extractor_class=DoubleFlatten),
             seed=0,
         )
-    finally:
-        th.set_default_dtype(default)
+    )
 
 
 def masked_batch(model: MaskableTRPO, n: int = 6, seed: int = 1) -> MaskablePolicyBatch:

@@ -19,7 +19,7 @@ from stable_baselines3.common.logger import configure
 from sb3_trpo import TRPO, RecurrentTRPO
 from sb3_trpo.recurrent import RecurrentPolicyBatch
 from sb3_trpo.trust_region import flatten, unflatten
-from tests.helpers import DoubleFlatten
+from tests.helpers import DoubleFlatten, in_float64
 
 
 class CueRecall(gym.Env):
@@ -66,18 +66,15 @@ ENVS = {"categorical": lambda: CueRecall(), "gaussian": lambda: gym.make("Pendul
 
 def tiny_double_model(kind: str) -> RecurrentTRPO:
     """A RecurrentTRPO whose LSTM policy computes in float64, for the dense checks."""
-    default = th.get_default_dtype()
-    th.set_default_dtype(th.float64)
-    try:
-        return RecurrentTRPO(
+    return in_float64(
+        lambda: RecurrentTRPO(
             "MlpLstmPolicy",
             ENVS[kind](),
             n_steps=8,
             policy_kwargs=dict(lstm_hidden_size=3, net_arch=[3], features_extractor_class=DoubleFlatten),
             seed=0,
         )
-    finally:
-        th.set_default_dtype(default)
+    )
 
 
 # Three sequences padded to length 4: the second is one step shorter, the third two; each
