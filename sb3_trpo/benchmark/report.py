@@ -32,6 +32,7 @@ import numpy as np
 
 COLLAPSE_DROP = 0.3
 IMPL_ORDER = ("sb3_trpo", "sb3_contrib")
+REVISION_KEY = "sb3_trpo_git"
 
 
 @dataclass
@@ -194,14 +195,24 @@ def _versions(records: Sequence[dict[str, Any]]) -> str:
     packages: dict[str, set[str]] = {}
     for record in records:
         for package, version in record.get("versions", {}).items():
+            if package == REVISION_KEY:
+                continue
             packages.setdefault(package, set()).add(str(version))
     return ", ".join(f"{package} {'/'.join(sorted(versions))}" for package, versions in packages.items())
 
 
+def _revision(record: dict[str, Any]) -> str:
+    revision = record.get("versions", {}).get(REVISION_KEY)
+    if not revision:
+        return "n/a"
+    commit, dirty, _ = revision.partition("+dirty")
+    return commit[:8] + ("+dirty" if dirty else "")
+
+
 def _per_run_table(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
     lines = [
-        "| env | impl | seed | steps | final | best | collapses | failed line searches | config entry | wall time |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| env | impl | seed | steps | final | best | collapses | failed line searches | config entry | wall time | rev |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for (env_id, impl), runs in groups.items():
         for run in runs:
@@ -210,7 +221,7 @@ def _per_run_table(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
             lines.append(
                 f"| {env_id} | {impl} | {run['seed']} | {run['num_timesteps']} | {curve[-1]:.1f} | {max(curve):.1f} "
                 f"| {collapse_count(curve)} / {len(curve)} | {search['n_failures']}/{search['n_updates']} "
-                f"| {run['config']['entry']} | {run['wall_time_s'] / 60:.1f} min |"
+                f"| {run['config']['entry']} | {run['wall_time_s'] / 60:.1f} min | {_revision(run)} |"
             )
     return "\n".join(lines) + "\n"
 
