@@ -13,8 +13,8 @@ Output (stable; one line per measurement, then one summary line per environment)
     summary <env> <impl>=<median steps/s> <compare>=<median steps/s> ratio=<median of per-repetition ratios> \
 peak_rss_mb <impl>=<m> <compare>=<m>
 
-``peak_rss_mb`` is the peak resident memory of the training process plus that of its
-largest child process (the background critic worker, with ``--background-critic``; shared
+``peak_rss_mb`` is the peak resident memory of the training process; with
+``--background-critic``, plus that of its largest child process, the critic worker (shared
 pages are counted twice, so it is an upper bound). ``rollout_s`` is the time in
 ``collect_rollouts`` and ``policy_step_s`` + ``critic_s`` the time in ``train`` (for
 implementations without separate phases the whole ``train`` is reported as
@@ -91,10 +91,11 @@ def measure(impl: str, env_id: str, steps: int, seed: int, background_critic: bo
     model.learn(steps)
     total = time.perf_counter() - start
     env.close()
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if options:
         # Count the worker's memory too: RUSAGE_CHILDREN covers it once it has ended.
         model._stop_background_critic()
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        peak_kb += resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return dict(
         steps_per_s=model.num_timesteps / total,
         peak_rss_mb=peak_kb / 1024,
