@@ -262,8 +262,8 @@ class MaskableTRPO(TRPO):
         assert isinstance(batch, MaskablePolicyBatch)
         return self.policy.get_distribution(batch.observations, action_masks=batch.action_masks)  # type: ignore[arg-type]
 
-    def _mean_kl(self, old: Distribution, new: Distribution, batch: PolicyBatch) -> th.Tensor:
-        return masked_categorical_kl(old, new).mean()
+    def _mean_kl(self, p: Distribution, q: Distribution, batch: PolicyBatch) -> th.Tensor:
+        return masked_categorical_kl(p, q).mean()
 
 
 def sample_trpo_mask_params(trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:

@@ -295,9 +295,9 @@ class RecurrentTRPO(TRPO):
         ratio = th.exp(distribution.log_prob(batch.actions) - batch.old_log_prob)
         return (batch.advantages * ratio)[batch.mask].mean()
 
-    def _mean_kl(self, old: Distribution, new: Distribution, batch: PolicyBatch) -> th.Tensor:
+    def _mean_kl(self, p: Distribution, q: Distribution, batch: PolicyBatch) -> th.Tensor:
         assert isinstance(batch, RecurrentPolicyBatch)
-        return kl_divergence(old, new)[batch.mask].mean()
+        return kl_divergence(p, q)[batch.mask].mean()
 
     def _mean_entropy(self, entropy: th.Tensor, batch: PolicyBatch) -> float:
         assert isinstance(batch, RecurrentPolicyBatch)
