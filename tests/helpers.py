@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -82,20 +83,22 @@ def observations(n: int = 7, seed: int = 1) -> th.Tensor:
     return 2 * th.rand(n, 3, generator=generator, dtype=th.float64) - 1
 
 
+def dense_actor_hessian(policy: th.nn.Module, actor: list[th.nn.Parameter], scalar: Callable[[], th.Tensor]) -> th.Tensor:
+    """Explicit Hessian of ``scalar()`` over the ``actor`` parameters of ``policy``, at their current values."""
+    names = [name for name, p in policy.named_parameters() if any(p is a for a in actor)]
+    flat = th.cat([p.detach().reshape(-1) for p in actor])
+
+    def of_vector(vector: th.Tensor) -> th.Tensor:
+        values = dict(zip(names, unflatten(vector, actor), strict=True))
+        with th.nn.utils.stateless._reparametrize_module(policy, values):
+            return scalar()
+
+    return th.autograd.functional.hessian(of_vector, flat)
+
+
 def dense_kl_hessian(policy: ActorCriticPolicy, obs: th.Tensor) -> th.Tensor:
     """Explicit Hessian of the mean KL(pi_old || pi) over the actor parameters, at pi = pi_old."""
     actor, _ = split_actor_critic(policy)
-    names = [name for name, p in policy.named_parameters() if any(p is a for a in actor)]
-    flat = th.cat([p.detach().reshape(-1) for p in actor])
-    import copy
-
     with th.no_grad():
         old = copy.copy(policy.get_distribution(obs))
-
-    def mean_kl(vector: th.Tensor) -> th.Tensor:
-        values = dict(zip(names, unflatten(vector, actor), strict=True))
-        with th.nn.utils.stateless._reparametrize_module(policy, values):
-            new = policy.get_distribution(obs)
-            return kl_divergence(old, new).mean()
-
-    return th.autograd.functional.hessian(mean_kl, flat)
+    return dense_actor_hessian(policy, actor, lambda: kl_divergence(old, policy.get_distribution(obs)).mean())

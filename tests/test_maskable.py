@@ -21,8 +21,7 @@ from stable_baselines3.common.envs import IdentityEnv
 
 from sb3_trpo import MaskableTRPO
 from sb3_trpo.maskable import MaskablePolicyBatch, masked_categorical_kl
-from sb3_trpo.trust_region import unflatten
-from tests.helpers import DoubleFlatten, in_float64
+from tests.helpers import DoubleFlatten, dense_actor_hessian, in_float64
 
 ENVS = {
     "discrete": lambda: InvalidActionEnvDiscrete(dim=5, n_invalid_actions=2),
@@ -105,16 +104,7 @@ def reference_kl(model: MaskableTRPO, batch: MaskablePolicyBatch, masked: bool =
 
 def dense_hessian(model: MaskableTRPO, observations: th.Tensor, kl) -> th.Tensor:
     """Explicit Hessian of ``kl`` over the actor parameters, at the current ones."""
-    actor = model.actor_parameters
-    names = [name for name, p in model.policy.named_parameters() if any(p is a for a in actor)]
-    flat = th.cat([p.detach().reshape(-1) for p in actor])
-
-    def of_vector(vector: th.Tensor) -> th.Tensor:
-        values = dict(zip(names, unflatten(vector, actor), strict=True))
-        with th.nn.utils.stateless._reparametrize_module(model.policy, values):
-            return kl(model.policy.get_distribution(observations))
-
-    return th.autograd.functional.hessian(of_vector, flat)
+    return dense_actor_hessian(model.policy, model.actor_parameters, lambda: kl(model.policy.get_distribution(observations)))
 
 
 @pytest.mark.parametrize("kind", sorted(ENVS))

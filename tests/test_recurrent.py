@@ -18,8 +18,8 @@ from stable_baselines3.common.logger import configure
 
 from sb3_trpo import TRPO, RecurrentTRPO
 from sb3_trpo.recurrent import RecurrentPolicyBatch
-from sb3_trpo.trust_region import flatten, unflatten
-from tests.helpers import DoubleFlatten, in_float64
+from sb3_trpo.trust_region import flatten
+from tests.helpers import DoubleFlatten, dense_actor_hessian, in_float64
 
 
 class CueRecall(gym.Env):
@@ -124,16 +124,7 @@ def reference_mean_kl(model: RecurrentTRPO, batch: RecurrentPolicyBatch, zero_st
 
 
 def dense_hessian(model: RecurrentTRPO, mean_kl) -> th.Tensor:
-    actor = model.actor_parameters
-    names = [name for name, p in model.policy.named_parameters() if any(p is a for a in actor)]
-    flat = th.cat([p.detach().reshape(-1) for p in actor])
-
-    def of_vector(vector: th.Tensor) -> th.Tensor:
-        values = dict(zip(names, unflatten(vector, actor), strict=True))
-        with th.nn.utils.stateless._reparametrize_module(model.policy, values):
-            return mean_kl()
-
-    return th.autograd.functional.hessian(of_vector, flat)
+    return dense_actor_hessian(model.policy, model.actor_parameters, mean_kl)
 
 
 @pytest.mark.parametrize("kind", sorted(ENVS))
