@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import traceback
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -61,32 +62,23 @@ def _as_tensors(observations: np.ndarray | dict[str, np.ndarray], device: th.dev
     return th.as_tensor(observations, device=device)
 
 
-def fit_critic(
-    policy: BasePolicy, optimizer: th.optim.Optimizer, critic_parameters: list[nn.Parameter], job: CriticFitJob
+def regress(
+    optimizer: th.optim.Optimizer, critic_parameters: list[nn.Parameter], minibatch_losses: Iterable[Callable[[], th.Tensor]]
 ) -> float | None:
-    """Minibatch regression of ``policy.predict_values`` on the returns, moving only ``critic_parameters``.
+    """One optimizer step per minibatch loss, moving only ``critic_parameters``.
 
     :return: the mean minibatch loss, or None when a weight became non-finite; the critic
         weights are then put back as they were before the fit
     """
-    for group in optimizer.param_groups:
-        group["lr"] = job.learning_rate
-    prefer_fused_adam(optimizer)
-    observations = _as_tensors(job.observations, policy.device)
-    returns = th.as_tensor(job.returns, device=policy.device)
     saved = [param.detach().clone() for param in critic_parameters]
     losses = []
-    n_samples = len(returns)
-    for permutation in th.as_tensor(job.permutations, device=policy.device):
-        for start in range(0, n_samples, job.batch_size):
-            indices = permutation[start : start + job.batch_size]
-            values = policy.predict_values(index_observations(observations, indices)).flatten()  # type: ignore[operator]
-            loss = F.mse_loss(returns[indices], values)
-            grads = th.autograd.grad(loss, critic_parameters)
-            for param, grad in zip(critic_parameters, grads, strict=True):
-                param.grad = grad
-            optimizer.step()
-            losses.append(loss.detach())
+    for minibatch_loss in minibatch_losses:
+        loss = minibatch_loss()
+        grads = th.autograd.grad(loss, critic_parameters)
+        for param, grad in zip(critic_parameters, grads, strict=True):
+            param.grad = grad
+        optimizer.step()
+        losses.append(loss.detach())
     for param in critic_parameters:
         param.grad = None
     if critic_parameters and not all(bool(th.isfinite(param).all()) for param in critic_parameters):
@@ -95,6 +87,32 @@ def fit_critic(
                 param.copy_(kept)
         return None
     return th.stack(losses).mean().item() if losses else float("nan")
+
+
+def fit_critic(
+    policy: BasePolicy, optimizer: th.optim.Optimizer, critic_parameters: list[nn.Parameter], job: CriticFitJob
+) -> float | None:
+    """Minibatch regression of ``policy.predict_values`` on the returns (see :func:`regress`)."""
+    for group in optimizer.param_groups:
+        group["lr"] = job.learning_rate
+    prefer_fused_adam(optimizer)
+    observations = _as_tensors(job.observations, policy.device)
+    returns = th.as_tensor(job.returns, device=policy.device)
+
+    def minibatch_loss(indices: th.Tensor) -> Callable[[], th.Tensor]:
+        def loss() -> th.Tensor:
+            values = policy.predict_values(index_observations(observations, indices)).flatten()  # type: ignore[operator]
+            return F.mse_loss(returns[indices], values)
+
+        return loss
+
+    n_samples = len(returns)
+    minibatches = (
+        minibatch_loss(permutation[start : start + job.batch_size])
+        for permutation in th.as_tensor(job.permutations, device=policy.device)
+        for start in range(0, n_samples, job.batch_size)
+    )
+    return regress(optimizer, critic_parameters, minibatches)
 
 
 def _initialize_adam_state(optimizer: th.optim.Optimizer, params: list[nn.Parameter]) -> None:

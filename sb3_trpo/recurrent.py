@@ -8,7 +8,7 @@ starting from the LSTM state stored when it was collected, with padding masked o
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -27,10 +27,10 @@ from stable_baselines3.common.type_aliases import GymEnv, PyTorchObs, Schedule
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
+from sb3_trpo.critic import regress
 from sb3_trpo.hyperparams import sample_trpo_params, store_config_entry
-from sb3_trpo.npg import NonFiniteError, PolicyBatch, split_actor_critic
+from sb3_trpo.npg import PolicyBatch, split_actor_critic
 from sb3_trpo.trpo import TRPO
-from sb3_trpo.trust_region import flatten
 from sb3_trpo.validation import check_hyperparameter
 
 if TYPE_CHECKING:
@@ -306,26 +306,19 @@ class RecurrentTRPO(TRPO):
     # ------------------------------------------------------------------ critic on sequences
     def _fit_critic(self, update: int) -> float:
         """Fit the value function on minibatches of sequences, moving only parameters the actor does not use."""
-        saved = [param.detach().clone() for param in self.critic_parameters]
-        losses = []
-        for _ in range(self.n_critic_updates):
-            for data in self.rollout_buffer.get(self.batch_size):
+
+        def sequence_loss(data: Any) -> Callable[[], th.Tensor]:
+            def loss() -> th.Tensor:
                 mask = data.mask > 0.5
                 values = self.policy.predict_values(data.observations, data.lstm_states.vf, data.episode_starts).flatten()  # type: ignore[arg-type]
-                loss = ((data.returns - values) ** 2)[mask].mean()
-                grads = th.autograd.grad(loss, self.critic_parameters)
-                for param, grad in zip(self.critic_parameters, grads, strict=True):
-                    param.grad = grad
-                self.policy.optimizer.step()
-                losses.append(loss.detach())
-        for param in self.critic_parameters:
-            param.grad = None
-        if self.critic_parameters and not th.isfinite(flatten(self.critic_parameters)).all():
-            with th.no_grad():
-                for param, start in zip(self.critic_parameters, saved, strict=True):
-                    param.copy_(start)
-            raise NonFiniteError(f"non-finite critic weights after the critic fit of update {update}; they were restored")
-        return th.stack(losses).mean().item() if losses else float("nan")
+                return ((data.returns - values) ** 2)[mask].mean()
+
+            return loss
+
+        minibatches = (
+            sequence_loss(data) for _ in range(self.n_critic_updates) for data in self.rollout_buffer.get(self.batch_size)
+        )
+        return self._critic_loss(regress(self.policy.optimizer, self.critic_parameters, minibatches), update)
 
 
 def sample_trpo_lstm_params(trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
