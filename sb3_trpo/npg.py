@@ -17,7 +17,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.distributions import DiagGaussianDistribution, Distribution, kl_divergence
+from stable_baselines3.common.distributions import Distribution, kl_divergence
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import (
     ActorCriticCnnPolicy,
@@ -32,7 +32,13 @@ from torch import nn
 
 from sb3_trpo.critic import BackgroundCriticFit, CriticFitJob, fit_critic, index_observations
 from sb3_trpo.distributions import distribution_parameters, fisher_product, kl_terms_per_sample
-from sb3_trpo.rollout import TruncationBootstraps, actions_for_log_prob, fill_values_and_log_probs
+from sb3_trpo.rollout import (
+    TruncationBootstraps,
+    action_sampler,
+    actions_for_log_prob,
+    add_transition,
+    fill_values_and_log_probs,
+)
 from sb3_trpo.trust_region import (
     LineSearchResult,
     MatrixVectorProduct,
@@ -288,13 +294,13 @@ class NPG(OnPolicyAlgorithm):
             self.policy.reset_noise(env.num_envs)
         callback.on_rollout_start()
         bootstraps = TruncationBootstraps()
-        placeholder = th.zeros(env.num_envs)
+        sample_actions = action_sampler(self.policy, self.action_space.shape)  # type: ignore[arg-type]
         while n_steps < n_rollout_steps:
             if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
                 self.policy.reset_noise(env.num_envs)
             with th.inference_mode():
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
-                actions = self._sample_actions(obs_tensor).cpu().numpy()
+                actions = sample_actions(obs_tensor).cpu().numpy()
             clipped_actions = actions
             if isinstance(self.action_space, spaces.Box):
                 if self.policy.squash_output:
@@ -315,14 +321,7 @@ class NPG(OnPolicyAlgorithm):
                 terminal_obs = infos[idx].get("terminal_observation")
                 if done and terminal_obs is not None and infos[idx].get("TimeLimit.truncated", False):
                     bootstraps.record(rollout_buffer.pos, idx, terminal_obs)
-            rollout_buffer.add(
-                self._last_obs,  # type: ignore[arg-type]
-                actions,
-                rewards,
-                self._last_episode_starts,  # type: ignore[arg-type]
-                placeholder,
-                placeholder,
-            )
+            add_transition(rollout_buffer, self._last_obs, actions, rewards, self._last_episode_starts)  # type: ignore[arg-type]
             self._last_obs = new_obs  # type: ignore[assignment]
             self._last_episode_starts = dones
         self._finish_critic_fit()
@@ -333,21 +332,6 @@ class NPG(OnPolicyAlgorithm):
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
-
-    def _sample_actions(self, observations: PyTorchObs) -> th.Tensor:
-        """One stochastic action per environment, drawn as SB3's ``ActorCriticPolicy.forward`` draws it.
-
-        For SB3's own actor with a diagonal Gaussian, the mean and standard deviation are
-        computed directly and sampled with ``torch.normal``: the same random draw as
-        ``Normal(mean, std).sample()`` without building distribution objects each step.
-        """
-        policy = self.policy
-        if _has_default_gaussian_actor(policy):
-            features: Any = policy.extract_features(observations, policy.pi_features_extractor)  # type: ignore[arg-type]
-            mean = policy.action_net(policy.mlp_extractor.forward_actor(features))
-            return th.normal(mean, th.ones_like(mean) * policy.log_std.exp())  # type: ignore[operator]
-        actions = policy.get_distribution(observations).get_actions()  # type: ignore[operator]
-        return actions.reshape((-1, *self.action_space.shape))  # type: ignore[misc]
 
     def _check_observations_finite(self, observations: Any) -> None:
         arrays = observations.values() if isinstance(observations, dict) else [observations]
@@ -643,18 +627,6 @@ def policy_fisher_vector_product(
         return th.func.functional_call(module, prefixed, (), tie_weights=False)
 
     return analytic_fisher_vector_product(forward, named, closed_form, n_samples * kl_terms_per_sample(current))
-
-
-def _has_default_gaussian_actor(policy: BasePolicy) -> bool:
-    """Whether ``policy`` computes its Gaussian exactly as SB3's ``ActorCriticPolicy`` does."""
-    cls: Any = type(policy)
-    return (
-        type(getattr(policy, "action_dist", None)) is DiagGaussianDistribution
-        and isinstance(policy, ActorCriticPolicy)
-        and cls.get_distribution is ActorCriticPolicy.get_distribution
-        and cls._get_action_dist_from_latent is ActorCriticPolicy._get_action_dist_from_latent
-        and cls.extract_features is ActorCriticPolicy.extract_features
-    )
 
 
 def _contains(params: list[nn.Parameter], param: nn.Parameter) -> bool:

@@ -8,15 +8,22 @@ the same random draws as SB3's ``policy.forward``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.distributions import DiagGaussianDistribution
+from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.torch_layers import MlpExtractor
 from stable_baselines3.common.type_aliases import PyTorchObs
 from stable_baselines3.common.utils import obs_as_tensor
+from torch import nn
+
+ActionSampler = Callable[[PyTorchObs], th.Tensor]
 
 
 @dataclass
@@ -29,6 +36,98 @@ class TruncationBootstraps:
     def record(self, position: int, env_index: int, observation: np.ndarray | dict[str, np.ndarray]) -> None:
         self.positions.append((position, env_index))
         self.observations.append(observation)
+
+
+def action_sampler(policy: BasePolicy, action_shape: tuple[int, ...]) -> ActionSampler:
+    """One stochastic action per observation, drawn as SB3's ``ActorCriticPolicy.forward`` draws it.
+
+    Built once per rollout (the policy does not change during one). For SB3's own actor
+    with a diagonal Gaussian, the standard deviation is computed once and the mean by the
+    actor's layers called directly, skipping ``nn.Module.__call__`` (the per-call overhead
+    is most of the cost at a batch of a few observations); ``torch.normal`` then makes the
+    same random draw as ``Normal(mean, std).sample()``. Any other policy samples from its
+    distribution.
+    """
+    if not _has_default_gaussian_actor(policy):
+
+        def sample_distribution(observations: PyTorchObs) -> th.Tensor:
+            actions = policy.get_distribution(observations).get_actions()  # type: ignore[operator]
+            return actions.reshape((-1, *action_shape))
+
+        return sample_distribution
+
+    actor: Any = policy
+    with th.no_grad():
+        std = actor.log_std.exp()
+    layers = _hook_free_layers(actor)
+
+    def sample_gaussian(observations: PyTorchObs) -> th.Tensor:
+        features = actor.extract_features(observations, actor.pi_features_extractor)
+        if layers is None:
+            mean = actor.action_net(actor.mlp_extractor.forward_actor(features))
+        else:
+            mean = features
+            for layer in layers:
+                mean = layer.forward(mean)
+        return th.normal(mean, std.expand_as(mean))
+
+    return sample_gaussian
+
+
+def _has_default_gaussian_actor(policy: BasePolicy) -> bool:
+    """Whether ``policy`` computes its Gaussian exactly as SB3's ``ActorCriticPolicy`` does."""
+    cls: Any = type(policy)
+    return (
+        type(getattr(policy, "action_dist", None)) is DiagGaussianDistribution
+        and isinstance(policy, ActorCriticPolicy)
+        and cls.get_distribution is ActorCriticPolicy.get_distribution
+        and cls._get_action_dist_from_latent is ActorCriticPolicy._get_action_dist_from_latent
+        and cls.extract_features is ActorCriticPolicy.extract_features
+    )
+
+
+def _hook_free_layers(policy: Any) -> list[nn.Module] | None:
+    """The actor's layers after the features extractor, when calling their ``forward`` is the same as calling them.
+
+    That holds for SB3's ``MlpExtractor`` (a plain ``nn.Sequential``) and the action head as
+    long as no forward hook is registered on them or globally.
+    """
+    extractor = policy.mlp_extractor
+    if type(extractor).forward_actor is not MlpExtractor.forward_actor or type(extractor.policy_net) is not nn.Sequential:
+        return None
+    layers = [*extractor.policy_net, policy.action_net]
+    modules = [module for layer in layers for module in layer.modules()]
+    hooks = nn.modules.module
+    if any(module._forward_hooks or module._forward_pre_hooks for module in modules) or (
+        hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+    ):
+        return None
+    return layers
+
+
+def add_transition(
+    buffer: RolloutBuffer,
+    observations: np.ndarray | dict[str, np.ndarray],
+    actions: np.ndarray,
+    rewards: np.ndarray,
+    episode_starts: np.ndarray,
+) -> None:
+    """``buffer.add`` without the value and log-probability (filled in after the rollout).
+
+    SB3's own ``RolloutBuffer`` is written directly, as its ``add`` writes it; any other
+    buffer class goes through its ``add`` with placeholders.
+    """
+    if type(buffer) is not RolloutBuffer:
+        placeholder = th.zeros(buffer.n_envs)
+        buffer.add(observations, actions, rewards, episode_starts, placeholder, placeholder)  # type: ignore[arg-type]
+        return
+    position = buffer.pos
+    buffer.observations[position] = np.reshape(observations, (buffer.n_envs, *buffer.obs_shape))  # type: ignore[arg-type]
+    buffer.actions[position] = actions.reshape((buffer.n_envs, buffer.action_dim))
+    buffer.rewards[position] = rewards
+    buffer.episode_starts[position] = episode_starts
+    buffer.pos += 1
+    buffer.full = buffer.pos == buffer.buffer_size
 
 
 def _flat_observations(buffer: RolloutBuffer, device: th.device) -> PyTorchObs:
