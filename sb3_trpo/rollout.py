@@ -18,6 +18,7 @@ from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.distributions import DiagGaussianDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.preprocessing import preprocess_obs
 from stable_baselines3.common.torch_layers import MlpExtractor
 from stable_baselines3.common.type_aliases import PyTorchObs
 from stable_baselines3.common.utils import obs_as_tensor
@@ -41,14 +42,15 @@ class TruncationBootstraps:
 def action_sampler(policy: BasePolicy, action_shape: tuple[int, ...]) -> ActionSampler:
     """One stochastic action per observation, drawn as SB3's ``ActorCriticPolicy.forward`` draws it.
 
-    Built once per rollout (the policy does not change during one). For SB3's own actor
-    with a diagonal Gaussian, the standard deviation is computed once and the mean by the
-    actor's layers called directly, skipping ``nn.Module.__call__`` (the per-call overhead
-    is most of the cost at a batch of a few observations); ``torch.normal`` then makes the
-    same random draw as ``Normal(mean, std).sample()``. Any other policy samples from its
-    distribution.
+    Built once per rollout (the policy does not change during one). For SB3's own
+    Gaussian actor, the standard deviation is computed once and the mean by the actor's
+    layers called through ``forward`` (``nn.Module.__call__`` is most of the cost at a batch
+    of a few observations); the noise is drawn as ``Normal(mean, std).sample()`` draws it
+    (``torch.normal`` is ``randn * std + mean``), so the actions are SB3's to the bit. Any
+    other policy samples from its distribution.
     """
-    if not _has_default_gaussian_actor(policy):
+    layers = _gaussian_actor_layers(policy)
+    if layers is None:
 
         def sample_distribution(observations: PyTorchObs) -> th.Tensor:
             actions = policy.get_distribution(observations).get_actions()  # type: ignore[operator]
@@ -56,48 +58,38 @@ def action_sampler(policy: BasePolicy, action_shape: tuple[int, ...]) -> ActionS
 
         return sample_distribution
 
-    actor: Any = policy
     with th.no_grad():
-        std = actor.log_std.exp()
-    layers = _hook_free_layers(actor)
+        std = policy.log_std.exp()  # type: ignore[operator]
 
     def sample_gaussian(observations: PyTorchObs) -> th.Tensor:
-        features = actor.extract_features(observations, actor.pi_features_extractor)
-        if layers is None:
-            mean = actor.action_net(actor.mlp_extractor.forward_actor(features))
-        else:
-            mean = features
-            for layer in layers:
-                mean = layer.forward(mean)
-        return th.normal(mean, std.expand_as(mean))
+        mean: Any = preprocess_obs(observations, policy.observation_space, normalize_images=policy.normalize_images)
+        for layer in layers:
+            mean = layer.forward(mean)
+        return th.randn_like(mean).mul_(std).add_(mean)
 
     return sample_gaussian
 
 
-def _has_default_gaussian_actor(policy: BasePolicy) -> bool:
-    """Whether ``policy`` computes its Gaussian exactly as SB3's ``ActorCriticPolicy`` does."""
+def _gaussian_actor_layers(policy: BasePolicy) -> list[nn.Module] | None:
+    """The layers from observation to Gaussian mean of SB3's own actor, or None for any other policy.
+
+    SB3's ``get_distribution`` is the features extractor, the ``MlpExtractor``'s policy
+    network (a plain ``nn.Sequential``) and the action head, applied in turn; calling
+    their ``forward`` is the same as calling them while no forward hook is registered.
+    """
     cls: Any = type(policy)
-    return (
-        type(getattr(policy, "action_dist", None)) is DiagGaussianDistribution
-        and isinstance(policy, ActorCriticPolicy)
+    if not (
+        isinstance(policy, ActorCriticPolicy)
+        and type(policy.action_dist) is DiagGaussianDistribution
         and cls.get_distribution is ActorCriticPolicy.get_distribution
         and cls._get_action_dist_from_latent is ActorCriticPolicy._get_action_dist_from_latent
-        and cls.extract_features is ActorCriticPolicy.extract_features
-    )
-
-
-def _hook_free_layers(policy: Any) -> list[nn.Module] | None:
-    """The actor's layers after the features extractor, when calling their ``forward`` is the same as calling them.
-
-    That holds for SB3's ``MlpExtractor`` (a plain ``nn.Sequential``) and the action head as
-    long as no forward hook is registered on them or globally.
-    """
-    extractor = policy.mlp_extractor
-    if type(extractor).forward_actor is not MlpExtractor.forward_actor or type(extractor.policy_net) is not nn.Sequential:
+        and type(policy.mlp_extractor).forward_actor is MlpExtractor.forward_actor
+        and type(policy.mlp_extractor.policy_net) is nn.Sequential
+    ):
         return None
-    layers = [*extractor.policy_net, policy.action_net]
-    modules = [module for layer in layers for module in layer.modules()]
+    layers = [policy.pi_features_extractor, *policy.mlp_extractor.policy_net, policy.action_net]
     hooks = nn.modules.module
+    modules = [module for layer in layers for module in layer.modules()]
     if any(module._forward_hooks or module._forward_pre_hooks for module in modules) or (
         hooks._global_forward_hooks or hooks._global_forward_pre_hooks
     ):
