@@ -281,10 +281,11 @@ class NPG(OnPolicyAlgorithm):
     ) -> bool:
         """Collect ``n_rollout_steps`` per environment, as SB3 does, with one batched critic pass at the end.
 
-        Per step only actions are sampled (the same draws as SB3's ``policy.forward``);
-        values, log-probabilities and the bootstrap values of time-limit truncations are
-        computed for the whole rollout afterwards by :func:`fill_values_and_log_probs`.
-        Callbacks see the usual locals except the per-step ``values`` and ``log_probs``.
+        Per step only actions are sampled (the same draws as SB3's ``policy.forward``, see
+        :func:`sb3_trpo.rollout.action_sampler`); values, log-probabilities and the
+        bootstrap values of time-limit truncations are computed for the whole rollout
+        afterwards by :func:`fill_values_and_log_probs`. Callbacks see the usual locals
+        except the per-step ``obs_tensor``, ``values`` and ``log_probs``.
         """
         assert self._last_obs is not None, "No previous observation was provided"
         self.policy.set_training_mode(False)
@@ -298,9 +299,7 @@ class NPG(OnPolicyAlgorithm):
         while n_steps < n_rollout_steps:
             if self.use_sde and self.sde_sample_freq > 0 and n_steps % self.sde_sample_freq == 0:
                 self.policy.reset_noise(env.num_envs)
-            with th.inference_mode():
-                obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
-                actions = sample_actions(obs_tensor).cpu().numpy()
+            actions = sample_actions(self._last_obs)  # type: ignore[arg-type]
             clipped_actions = actions
             if isinstance(self.action_space, spaces.Box):
                 if self.policy.squash_output:

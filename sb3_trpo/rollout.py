@@ -18,13 +18,12 @@ from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.distributions import DiagGaussianDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
-from stable_baselines3.common.preprocessing import preprocess_obs
-from stable_baselines3.common.torch_layers import MlpExtractor
+from stable_baselines3.common.torch_layers import FlattenExtractor, MlpExtractor
 from stable_baselines3.common.type_aliases import PyTorchObs
 from stable_baselines3.common.utils import obs_as_tensor
 from torch import nn
 
-ActionSampler = Callable[[PyTorchObs], th.Tensor]
+ActionSampler = Callable[[np.ndarray | dict[str, np.ndarray]], np.ndarray]
 
 
 @dataclass
@@ -42,40 +41,47 @@ class TruncationBootstraps:
 def action_sampler(policy: BasePolicy, action_shape: tuple[int, ...]) -> ActionSampler:
     """One stochastic action per observation, drawn as SB3's ``ActorCriticPolicy.forward`` draws it.
 
-    Built once per rollout (the policy does not change during one). For SB3's own
-    Gaussian actor, the standard deviation is computed once and the mean by the actor's
-    layers called through ``forward`` (``nn.Module.__call__`` is most of the cost at a batch
-    of a few observations); the noise is drawn as ``Normal(mean, std).sample()`` draws it
-    (``torch.normal`` is ``randn * std + mean``), so the actions are SB3's to the bit. Any
-    other policy samples from its distribution.
+    Built once per rollout: the policy does not change during one. SB3's own Gaussian MLP
+    actor (flattened Box observations, ``Linear``/``Tanh``/``ReLU`` layers) is evaluated
+    in NumPy on a copy of its weights, because at a batch of a few observations torch's
+    per-operation overhead is most of the cost. Its noise is drawn from torch's generator
+    as ``Normal(mean, std).sample()`` draws it (``randn * std + mean``, float32): the same
+    random numbers, and actions equal to SB3's up to float32 rounding of the mean.
+    Any other policy samples from its distribution.
     """
-    layers = _gaussian_actor_layers(policy)
-    if layers is None:
+    mlp = _numpy_gaussian_mlp(policy)
+    if mlp is None:
 
-        def sample_distribution(observations: PyTorchObs) -> th.Tensor:
-            actions = policy.get_distribution(observations).get_actions()  # type: ignore[operator]
+        def sample_distribution(observations: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
+            with th.inference_mode():
+                distribution = policy.get_distribution(obs_as_tensor(observations, policy.device))  # type: ignore[operator]
+                actions = distribution.get_actions().cpu().numpy()
             return actions.reshape((-1, *action_shape))
 
         return sample_distribution
 
-    with th.no_grad():
-        std = policy.log_std.exp()  # type: ignore[operator]
+    layers, std = mlp
 
-    def sample_gaussian(observations: PyTorchObs) -> th.Tensor:
-        mean: Any = preprocess_obs(observations, policy.observation_space, normalize_images=policy.normalize_images)
+    def sample_gaussian(observations: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
+        mean = np.asarray(observations, dtype=np.float32)
+        mean = mean.reshape(len(mean), -1)
         for layer in layers:
-            mean = layer.forward(mean)
-        return th.randn_like(mean).mul_(std).add_(mean)
+            mean = layer(mean)
+        noise = th.randn(mean.shape, dtype=th.float32).numpy()
+        return noise * std + mean
 
     return sample_gaussian
 
 
-def _gaussian_actor_layers(policy: BasePolicy) -> list[nn.Module] | None:
-    """The layers from observation to Gaussian mean of SB3's own actor, or None for any other policy.
+NumpyLayer = Callable[[np.ndarray], np.ndarray]
+
+
+def _numpy_gaussian_mlp(policy: BasePolicy) -> tuple[list[NumpyLayer], np.ndarray] | None:
+    """SB3's own Gaussian MLP actor as NumPy layers and standard deviation, or None for any other actor.
 
     SB3's ``get_distribution`` is the features extractor, the ``MlpExtractor``'s policy
-    network (a plain ``nn.Sequential``) and the action head, applied in turn; calling
-    their ``forward`` is the same as calling them while no forward hook is registered.
+    network (a plain ``nn.Sequential``) and the action head in turn; the copy is exact
+    only while no forward hook could change what they compute.
     """
     cls: Any = type(policy)
     if not (
@@ -83,18 +89,39 @@ def _gaussian_actor_layers(policy: BasePolicy) -> list[nn.Module] | None:
         and type(policy.action_dist) is DiagGaussianDistribution
         and cls.get_distribution is ActorCriticPolicy.get_distribution
         and cls._get_action_dist_from_latent is ActorCriticPolicy._get_action_dist_from_latent
+        and isinstance(policy.observation_space, spaces.Box)
+        and type(policy.pi_features_extractor) is FlattenExtractor
         and type(policy.mlp_extractor).forward_actor is MlpExtractor.forward_actor
         and type(policy.mlp_extractor.policy_net) is nn.Sequential
     ):
         return None
-    layers = [policy.pi_features_extractor, *policy.mlp_extractor.policy_net, policy.action_net]
+    modules = [policy.pi_features_extractor, *policy.mlp_extractor.policy_net, policy.action_net]
     hooks = nn.modules.module
-    modules = [module for layer in layers for module in layer.modules()]
     if any(module._forward_hooks or module._forward_pre_hooks for module in modules) or (
         hooks._global_forward_hooks or hooks._global_forward_pre_hooks
     ):
         return None
-    return layers
+    layers = []
+    for module in modules[1:]:
+        layer = _numpy_layer(module)
+        if layer is None:
+            return None
+        layers.append(layer)
+    with th.no_grad():
+        std = policy.log_std.exp().float().cpu().numpy()  # type: ignore[operator]
+    return layers, std
+
+
+def _numpy_layer(module: nn.Module) -> NumpyLayer | None:
+    if type(module) is nn.Tanh:
+        return np.tanh
+    if type(module) is nn.ReLU:
+        return lambda x: np.maximum(x, np.float32(0.0))
+    if type(module) is nn.Linear and module.weight.dtype == th.float32:
+        weight = module.weight.detach().cpu().numpy().T.copy()
+        bias = np.zeros(weight.shape[1], np.float32) if module.bias is None else module.bias.detach().cpu().numpy().copy()
+        return lambda x: x @ weight + bias
+    return None
 
 
 def add_transition(

@@ -10,9 +10,10 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import IdentityEnvMultiBinary, IdentityEnvMultiDiscrete, SimpleMultiObsEnv
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecNormalize
+from torch import nn
 
 from sb3_trpo import TRPO
-from sb3_trpo.rollout import action_sampler
+from sb3_trpo.rollout import _numpy_gaussian_mlp, action_sampler
 
 SEED = 3
 
@@ -75,16 +76,22 @@ def _fields(buffer: RolloutBuffer) -> dict[str, np.ndarray]:
             "MlpPolicy",
             dict(n_steps=64, policy_kwargs=dict(share_features_extractor=False)),
         ),
+        (
+            lambda: make_vec_env("Pendulum-v1", n_envs=2, seed=0),
+            "MlpPolicy",
+            dict(n_steps=64, policy_kwargs=dict(activation_fn=nn.ReLU, net_arch=[32, 16])),
+        ),
     ],
-    ids=["gaussian-truncations", "categorical-terminations", "multicategorical", "bernoulli", "dict", "gsde", "unshared"],
+    ids=["gaussian-truncations", "categorical", "multicategorical", "bernoulli", "dict", "gsde", "unshared", "relu"],
 )
 def test_rollout_fills_the_buffer_as_sb3_does(env_fn, policy: str, options: dict) -> None:
     ours, sb3 = _pair(env_fn, policy, **options)
     assert ours.pos == sb3.pos and ours.full and sb3.full
     ours_fields, sb3_fields = _fields(ours), _fields(sb3)
-    # Rewards hold the truncation bootstraps, added in another order: compared below.
+    # The NumPy copy of a Gaussian MLP actor rounds its mean differently in the last bit;
+    # everything else is drawn exactly as SB3 draws it.
     for name in ("actions", "episode_starts", *(k for k in sb3_fields if k.startswith("obs:"))):
-        np.testing.assert_array_equal(ours_fields[name], sb3_fields[name], err_msg=name)
+        np.testing.assert_allclose(ours_fields[name], sb3_fields[name], rtol=1e-6, atol=1e-6, err_msg=name)
     # Batched and per-step forward passes round differently in the last bits.
     for name in ("rewards", "values", "log_probs", "advantages", "returns"):
         np.testing.assert_allclose(ours_fields[name], sb3_fields[name], rtol=1e-5, atol=1e-5, err_msg=name)
@@ -119,6 +126,26 @@ def test_sampler_draws_sb3_policy_actions(n_observations: int) -> None:
     with th.no_grad():
         expected, _, _ = model.policy(observations)
     th.manual_seed(7)
-    with th.inference_mode():
-        actions = sample(observations)
-    th.testing.assert_close(actions, expected, rtol=0, atol=0)
+    actions = sample(observations.numpy())
+    # Other draws would differ by about std (1 here); float32 rounding of the mean by 1e-7.
+    np.testing.assert_allclose(actions, expected.numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("policy_kwargs", "numpy_path"),
+    [
+        ({}, True),
+        (dict(activation_fn=nn.ReLU), True),
+        (dict(share_features_extractor=False), True),
+        (dict(activation_fn=nn.ELU), False),
+        (dict(use_expln=True), True),  # only used with gSDE
+    ],
+)
+def test_numpy_actor_is_used_exactly_for_sb3_mlp_gaussian_actors(policy_kwargs: dict, numpy_path: bool) -> None:
+    model = TRPO("MlpPolicy", "Pendulum-v1", policy_kwargs=policy_kwargs, seed=0)
+    assert (_numpy_gaussian_mlp(model.policy) is not None) is numpy_path
+    handle = model.policy.mlp_extractor.policy_net[0].register_forward_pre_hook(lambda module, inputs: None)
+    assert _numpy_gaussian_mlp(model.policy) is None
+    handle.remove()
+    assert _numpy_gaussian_mlp(TRPO("MlpPolicy", "Pendulum-v1", use_sde=True).policy) is None
+    assert _numpy_gaussian_mlp(TRPO("MlpPolicy", "CartPole-v1").policy) is None
