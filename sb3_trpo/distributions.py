@@ -11,9 +11,12 @@ from stable_baselines3.common.distributions import (
     MultiCategoricalDistribution,
     StateDependentNoiseDistribution,
 )
+from torch import nn
 
 from sb3_trpo.trust_region import (
     DistributionFisherProduct,
+    MatrixVectorProduct,
+    analytic_fisher_vector_product,
     bernoulli_fisher_product,
     categorical_fisher_product,
     gaussian_fisher_product,
@@ -46,6 +49,20 @@ def fisher_product(distribution: Distribution) -> DistributionFisherProduct | No
     if _masked_categorical_logits(distribution) is not None:
         return categorical_fisher_product
     return None
+
+
+def distribution_fisher_vector_product(
+    distribution: Distribution, params: list[nn.Parameter], n_samples: int
+) -> MatrixVectorProduct | None:
+    """Analytic Fisher-vector product at ``distribution`` (on ``n_samples`` samples, with its graph to ``params``).
+
+    None for a distribution without a closed-form Fisher.
+    """
+    outputs = distribution_parameters(distribution)
+    closed_form = fisher_product(distribution)
+    if outputs is None or closed_form is None:
+        return None
+    return analytic_fisher_vector_product(outputs, params, closed_form, n_samples * kl_terms_per_sample(distribution))
 
 
 def kl_terms_per_sample(distribution: Distribution) -> int:

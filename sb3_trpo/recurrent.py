@@ -119,8 +119,8 @@ class RecurrentTRPO(TRPO):
         (sequences are never cut)
     :param rollout_buffer_class: ``None`` (a ``RecurrentRolloutBuffer`` or ``RecurrentDictRolloutBuffer``)
         or a subclass of one of them
-    :param fisher_vector_product: only ``"double_backprop"``: PyTorch has no forward-mode
-        derivative of ``nn.LSTM``, which the analytic product needs; ``"analytic"`` raises a ValueError
+    :param fisher_vector_product: only ``"double_backprop"``: the analytic product does not
+        leave out the padding of sequences; ``"analytic"`` raises a ValueError
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
@@ -166,8 +166,7 @@ class RecurrentTRPO(TRPO):
             "fisher_vector_product",
             fisher_vector_product,
             fisher_vector_product == "double_backprop",
-            "'double_backprop' for RecurrentTRPO (torch has no forward-mode derivative of nn.LSTM, "
-            "which the analytic product needs)",
+            "'double_backprop' for RecurrentTRPO (the analytic product does not leave out the padding of sequences)",
         )
         if rollout_buffer_class is not None:
             check_hyperparameter(

@@ -7,7 +7,7 @@ Every function is unit-tested against dense linear algebra on small problems.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch as th
@@ -118,41 +118,45 @@ def kl_hessian_vector_product(kl: th.Tensor, params: Sequence[nn.Parameter]) -> 
 
 
 def analytic_fisher_vector_product(
-    distribution_parameters: Callable[[Mapping[str, th.Tensor]], tuple[th.Tensor, ...]],
-    params: dict[str, nn.Parameter],
+    outputs: Sequence[th.Tensor],
+    params: Sequence[nn.Parameter],
     fisher_product: DistributionFisherProduct,
     n_terms: int,
 ) -> MatrixVectorProduct:
     """Fisher-vector product ``J^T M J v / N`` through the distribution parameters.
 
-        ``J`` is the Jacobian of the distribution parameters (means, scales, logits, ...)
-        with respect to the network parameters, ``M`` the closed-form per-sample Fisher of
-        the distribution in those parameters, ``N`` the number of terms the KL is averaged
-    over (samples, times action dimensions where the KL is taken per dimension). ``J v`` is a
-        forward-mode Jacobian-vector product, ``J^T u`` a backward pass through a graph
-        built once.
+    ``J`` is the Jacobian of the distribution parameters ``outputs`` (means, scales,
+    logits, ...) with respect to ``params``, ``M`` the closed-form per-sample Fisher of
+    the distribution in those parameters, ``N`` the number of terms the KL is averaged
+    over (samples, times action dimensions where the KL is taken per dimension).
+    ``u -> J^T u`` is built once as a graph that is linear in ``u``; differentiating
+    ``<J^T u, v>`` with respect to ``u`` gives ``J v``, and ``J^T (M J v)`` is a backward
+    pass through the forward graph. Only reverse mode is used, and the forward pass is
+    not repeated per product.
 
-        :param distribution_parameters: function of a parameter dict returning the
-            distribution-parameter tensors (evaluated with ``torch.func.functional_call``)
-        :param params: the parameters the product is taken over, by name
-        :param fisher_product: closed-form Fisher of the distribution, see ``FISHER_PRODUCTS``
-        :param n_terms: the number of terms the mean KL averages
+    :param outputs: the distribution-parameter tensors, differentiable with respect to ``params``
+    :param params: the parameters the product is taken over
+    :param fisher_product: closed-form Fisher of the distribution, see ``FISHER_PRODUCTS``
+    :param n_terms: the number of terms the mean KL averages
     """
-    names = list(params)
-    primals = tuple(params[name] for name in names)
-    outputs = distribution_parameters(params)
     old_outputs = [output.detach() for output in outputs]
-
-    def forward(*values: th.Tensor) -> tuple[th.Tensor, ...]:
-        return distribution_parameters(dict(zip(names, values, strict=True)))
+    probes = [th.zeros_like(output, requires_grad=True) for output in outputs]
+    transposed = th.autograd.grad(outputs, params, grad_outputs=probes, create_graph=True, allow_unused=True)
+    reached = [index for index, grad in enumerate(transposed) if grad is not None]
 
     def product(vector: th.Tensor) -> th.Tensor:
-        tangents = tuple(unflatten(vector, primals))
-        detached = tuple(p.detach() for p in primals)
-        output_tangents = th.func.jvp(forward, detached, tangents)[1]
-        weighted = [w / n_terms for w in fisher_product(old_outputs, output_tangents)]
-        grads = th.autograd.grad(outputs, primals, grad_outputs=weighted, retain_graph=True, allow_unused=True)
-        return flatten([th.zeros_like(p) if g is None else g for g, p in zip(grads, primals, strict=True)])
+        pieces = unflatten(vector, params)
+        tangents = th.autograd.grad(
+            [transposed[i] for i in reached],
+            probes,
+            grad_outputs=[pieces[i] for i in reached],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        tangents = tuple(th.zeros_like(o) if t is None else t for t, o in zip(tangents, outputs, strict=True))
+        weighted = [w / n_terms for w in fisher_product(old_outputs, tangents)]
+        grads = th.autograd.grad(outputs, params, grad_outputs=weighted, retain_graph=True, allow_unused=True)
+        return flatten([th.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)])
 
     return product
 

@@ -9,7 +9,8 @@ import pytest
 import torch as th
 from stable_baselines3.common.distributions import kl_divergence
 
-from sb3_trpo.npg import policy_fisher_vector_product, split_actor_critic
+from sb3_trpo.distributions import distribution_fisher_vector_product
+from sb3_trpo.npg import split_actor_critic
 from sb3_trpo.trust_region import (
     backtracking_line_search,
     conjugate_gradient,
@@ -85,7 +86,7 @@ def test_fisher_vector_product_equals_dense_kl_hessian(kind: str, method: str, s
     hessian = dense_kl_hessian(policy, obs)
     actor, _ = split_actor_critic(policy)
     if method == "analytic":
-        product = policy_fisher_vector_product(policy, actor, lambda: policy.get_distribution(obs), len(obs))
+        product = distribution_fisher_vector_product(policy.get_distribution(obs), actor, len(obs))
         assert product is not None
     else:
         with th.no_grad():
