@@ -10,6 +10,7 @@ order, so they compute the same numbers.
 from __future__ import annotations
 
 import contextlib
+import gc
 import multiprocessing
 import traceback
 from collections.abc import Callable, Iterable
@@ -167,9 +168,23 @@ class BackgroundCriticFit:
         self._process = multiprocessing.get_context("fork").Process(
             target=_serve, args=(child, policy, optimizer, critic_parameters), daemon=True
         )
-        self._process.start()
+        # Frozen objects are never visited by the worker's garbage collector, so their pages
+        # stay shared instead of being copied one by one (a user's own freeze is left alone).
+        freeze = gc.get_freeze_count() == 0
+        if freeze:
+            gc.freeze()
+        try:
+            self._process.start()
+        finally:
+            if freeze:
+                gc.unfreeze()
         child.close()
         self.pending = False
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's process id."""
+        return self._process.pid
 
     def submit(self, job: CriticFitJob) -> None:
         """Start fitting; the caller must call :meth:`result` before using the critic."""

@@ -60,7 +60,7 @@ class TRPO(NPG):
         verbose: int = 0,
         seed: int | None = None,
         device: th.device | str = "auto",
-        fisher_vector_product: str = "double_backprop",
+        fisher_vector_product: str = "analytic",
         cg_residual_tol: float = 1e-10,
         background_critic_fit: bool = False,
         _init_setup_model: bool = True,

@@ -14,8 +14,9 @@ Output (stable; one line per measurement, then one summary line per environment)
 peak_rss_mb <impl>=<m> <compare>=<m>
 
 ``peak_rss_mb`` is the peak resident memory of the training process; with
-``--background-critic``, plus that of its largest child process, the critic worker (shared
-pages are counted twice, so it is an upper bound). ``rollout_s`` is the time in
+``--background-critic``, plus the memory only the forked critic worker maps at the end of
+training (its private pages, from ``/proc/<pid>/smaps_rollup``; the pages it shares with
+the training process are already counted there). ``rollout_s`` is the time in
 ``collect_rollouts`` and ``policy_step_s`` + ``critic_s`` the time in ``train`` (for
 implementations without separate phases the whole ``train`` is reported as
 ``policy_step_s`` and ``critic_s`` is ``nan``; with ``--background-critic``, ``critic_s`` is
@@ -93,15 +94,21 @@ def measure(impl: str, env_id: str, steps: int, seed: int, background_critic: bo
     env.close()
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if options:
-        # Count the worker's memory too: RUSAGE_CHILDREN covers it once it has ended.
+        peak_kb += _private_kb(model._background_critic.pid)
         model._stop_background_critic()
-        peak_kb += resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return dict(
         steps_per_s=model.num_timesteps / total,
         peak_rss_mb=peak_kb / 1024,
         total_s=total,
         **totals,
     )
+
+
+def _private_kb(pid: int) -> int:
+    """Memory only process ``pid`` maps (its pages shared with the training process are counted there)."""
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        fields = dict(line.split()[:2] for line in rollup if line.startswith("Private_"))
+    return int(fields["Private_Clean:"]) + int(fields["Private_Dirty:"])
 
 
 def _run_worker(impl: str, env_id: str, steps: int, seed: int, background_critic: bool) -> dict[str, float]:
