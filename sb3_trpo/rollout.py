@@ -62,13 +62,18 @@ def action_sampler(policy: BasePolicy, action_shape: tuple[int, ...]) -> ActionS
 
     layers, std = mlp
 
+    # Refilled in place each step: the same draws as th.randn, without a new tensor per step.
+    noise = th.empty(0, dtype=th.float32)
+
     def sample_gaussian(observations: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
+        nonlocal noise
         mean = np.asarray(observations, dtype=np.float32)
         mean = mean.reshape(len(mean), -1)
         for layer in layers:
             mean = layer(mean)
-        noise = th.randn(mean.shape, dtype=th.float32).numpy()
-        return noise * std + mean
+        if noise.shape != mean.shape:
+            noise = th.empty(mean.shape, dtype=th.float32)
+        return noise.normal_().numpy() * std + mean
 
     return sample_gaussian
 
