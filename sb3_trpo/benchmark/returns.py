@@ -219,6 +219,8 @@ def train_and_evaluate(spec: RunSpec) -> dict[str, Any]:
     model = cls(env=env, seed=spec.seed, verbose=0, device="cpu", **kwargs)
     line_search = LineSearchRecorder()
     started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    # Taken before training: the code this process imported, even if the checkout moves meanwhile.
+    versions = package_versions()
     # EvalCallback keeps its curve only when it also saves it to a file.
     with tempfile.TemporaryDirectory() as log_path:
         evaluation = FinalEvalCallback(
@@ -273,7 +275,7 @@ def train_and_evaluate(spec: RunSpec) -> dict[str, Any]:
         "wall_time_s": wall_time,
         "eval_time_s": evaluation.eval_seconds,
         "steps_per_second": model.num_timesteps / train_time if train_time > 0 else None,
-        "versions": package_versions(),
+        "versions": versions,
         "host": socket.gethostname(),
         "started_at": started_at,
     }
