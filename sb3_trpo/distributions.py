@@ -52,17 +52,22 @@ def fisher_product(distribution: Distribution) -> DistributionFisherProduct | No
 
 
 def distribution_fisher_vector_product(
-    distribution: Distribution, params: list[nn.Parameter], n_samples: int
+    distribution: Distribution, params: list[nn.Parameter], rows: th.Tensor | None = None
 ) -> MatrixVectorProduct | None:
-    """Analytic Fisher-vector product at ``distribution`` (on ``n_samples`` samples, with its graph to ``params``).
+    """Analytic Fisher-vector product of the mean KL at ``distribution`` (with its graph to ``params``).
 
-    None for a distribution without a closed-form Fisher.
+    :param rows: boolean mask of the samples the KL averages over (all when None), e.g.
+        the real steps of padded sequences
+    :return: the product, or None for a distribution without a closed-form Fisher
     """
     outputs = distribution_parameters(distribution)
     closed_form = fisher_product(distribution)
     if outputs is None or closed_form is None:
         return None
-    return analytic_fisher_vector_product(outputs, params, closed_form, n_samples * kl_terms_per_sample(distribution))
+    if rows is not None:
+        outputs = tuple(output[rows] for output in outputs)
+    n_terms = outputs[0].shape[0] * kl_terms_per_sample(distribution)
+    return analytic_fisher_vector_product(outputs, params, closed_form, n_terms)
 
 
 def kl_terms_per_sample(distribution: Distribution) -> int:

@@ -388,6 +388,10 @@ class NPG(OnPolicyAlgorithm):
         """Mean ``KL(p || q)`` over the batch, averaged over terms as SB3's ``kl_divergence`` gives them."""
         return kl_divergence(p, q).mean()
 
+    def _kl_rows(self, batch: PolicyBatch) -> th.Tensor | None:
+        """The samples :meth:`_mean_kl` averages over, as a boolean mask; None for all."""
+        return None
+
     def _mean_entropy(self, entropy: th.Tensor, batch: PolicyBatch) -> float:
         """Mean entropy of the old policy over the batch, for the logger."""
         return entropy.mean().item()
@@ -470,7 +474,7 @@ class NPG(OnPolicyAlgorithm):
     ) -> MatrixVectorProduct:
         """The (undamped) Fisher-vector product at the old policy over the actor parameters."""
         if self.fisher_vector_product == "analytic":
-            product = distribution_fisher_vector_product(distribution, self.actor_parameters, len(batch.advantages))
+            product = distribution_fisher_vector_product(distribution, self.actor_parameters, self._kl_rows(batch))
             if product is not None:
                 return product
         kl = self._mean_kl(distribution, old_distribution, batch)

@@ -119,8 +119,8 @@ class RecurrentTRPO(TRPO):
         (sequences are never cut)
     :param rollout_buffer_class: ``None`` (a ``RecurrentRolloutBuffer`` or ``RecurrentDictRolloutBuffer``)
         or a subclass of one of them
-    :param fisher_vector_product: only ``"double_backprop"``: the analytic product does not
-        leave out the padding of sequences; ``"analytic"`` raises a ValueError
+    :param fisher_vector_product: ``"analytic"`` or ``"double_backprop"``, as for :class:`sb3_trpo.TRPO`;
+        both leave out the padding of sequences
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
@@ -158,16 +158,10 @@ class RecurrentTRPO(TRPO):
         verbose: int = 0,
         seed: int | None = None,
         device: th.device | str = "auto",
-        fisher_vector_product: str = "double_backprop",
+        fisher_vector_product: str = "analytic",
         cg_residual_tol: float = 1e-10,
         _init_setup_model: bool = True,
     ):
-        check_hyperparameter(
-            "fisher_vector_product",
-            fisher_vector_product,
-            fisher_vector_product == "double_backprop",
-            "'double_backprop' for RecurrentTRPO (the analytic product does not leave out the padding of sequences)",
-        )
         if rollout_buffer_class is not None:
             check_hyperparameter(
                 "rollout_buffer_class",
@@ -297,6 +291,10 @@ class RecurrentTRPO(TRPO):
     def _mean_kl(self, p: Distribution, q: Distribution, batch: PolicyBatch) -> th.Tensor:
         assert isinstance(batch, RecurrentPolicyBatch)
         return kl_divergence(p, q)[batch.mask].mean()
+
+    def _kl_rows(self, batch: PolicyBatch) -> th.Tensor:
+        assert isinstance(batch, RecurrentPolicyBatch)
+        return batch.mask
 
     def _mean_entropy(self, entropy: th.Tensor, batch: PolicyBatch) -> float:
         assert isinstance(batch, RecurrentPolicyBatch)

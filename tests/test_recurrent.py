@@ -64,7 +64,7 @@ class DictCueRecall(CueRecall):
 ENVS = {"categorical": lambda: CueRecall(), "gaussian": lambda: gym.make("Pendulum-v1")}
 
 
-def tiny_double_model(kind: str) -> RecurrentTRPO:
+def tiny_double_model(kind: str, method: str = "analytic") -> RecurrentTRPO:
     """A RecurrentTRPO whose LSTM policy computes in float64, for the dense checks."""
     return in_float64(
         lambda: RecurrentTRPO(
@@ -72,6 +72,7 @@ def tiny_double_model(kind: str) -> RecurrentTRPO:
             ENVS[kind](),
             n_steps=8,
             policy_kwargs=dict(lstm_hidden_size=3, net_arch=[3], features_extractor_class=DoubleFlatten),
+            fisher_vector_product=method,
             seed=0,
         )
     )
@@ -128,8 +129,9 @@ def dense_hessian(model: RecurrentTRPO, mean_kl) -> th.Tensor:
 
 
 @pytest.mark.parametrize("kind", sorted(ENVS))
-def test_fisher_vector_product_of_lstm_policy_equals_dense_kl_hessian(kind: str) -> None:
-    model = tiny_double_model(kind)
+@pytest.mark.parametrize("method", ["analytic", "double_backprop"])
+def test_fisher_vector_product_of_lstm_policy_equals_dense_kl_hessian(kind: str, method: str) -> None:
+    model = tiny_double_model(kind, method)
     batch = sequence_batch(model)
     hessian = dense_hessian(model, reference_mean_kl(model, batch))
     from_zero_states = dense_hessian(model, reference_mean_kl(model, batch, zero_states=True))
@@ -263,11 +265,6 @@ def test_critic_fit_on_sequences_moves_only_critic_parameters(lstm_options, crit
     assert last_loss < 0.7 * first_loss
 
 
-def test_analytic_fisher_vector_product_is_rejected() -> None:
-    with pytest.raises(ValueError, match=r"fisher_vector_product.*padding of sequences"):
-        RecurrentTRPO("MlpLstmPolicy", CueRecall(), fisher_vector_product="analytic")
-
-
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -298,7 +295,14 @@ def test_multi_input_policy_and_logger_diagnostics() -> None:
 def test_save_load_round_trip(tmp_path) -> None:
     env = make_vec_env(lambda: CueRecall(length=4), n_envs=2, seed=0)
     model = RecurrentTRPO(
-        "MlpLstmPolicy", env, n_steps=16, target_kl=0.02, cg_damping=0.05, policy_kwargs=dict(lstm_hidden_size=8), seed=0
+        "MlpLstmPolicy",
+        env,
+        n_steps=16,
+        target_kl=0.02,
+        cg_damping=0.05,
+        fisher_vector_product="double_backprop",
+        policy_kwargs=dict(lstm_hidden_size=8),
+        seed=0,
     )
     model.learn(64)
     model.save(tmp_path / "model")
