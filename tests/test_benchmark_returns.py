@@ -226,3 +226,22 @@ def test_report_writes_markdown_and_plot(tmp_path: Path) -> None:
     # One panel: a 5 x 3.6 inch figure at 110 dpi.
     assert image.imread(plot).shape == (396, 550, 4)
     assert report.main(["--results-dir", str(tmp_path / "empty")]) == 1
+
+
+def test_targets_table_compares_common_seeds_at_the_budget() -> None:
+    def run(impl: str, seed: int, final: float, steps: int = 1_000_000) -> dict:
+        return {**_record(impl, seed, [0.0, final], 0, 1, 1.0), "env_id": "Hopper-v5", "total_timesteps": steps}
+
+    records = [
+        run("sb3_trpo", 0, 3000.0),
+        run("sb3_trpo", 1, 3800.0),
+        run("sb3_trpo", 2, 100.0),  # no sb3-contrib run with seed 2: left out
+        run("sb3_trpo", 3, 5000.0, steps=300_000),  # another budget: left out
+        run("sb3_contrib", 0, 2000.0),
+        run("sb3_contrib", 1, 3000.0),
+        run("sb3_contrib", 3, 0.0, steps=300_000),
+    ]
+    rows = report.targets_table(report.group(records)).splitlines()
+    assert len(rows) == 2 + len(report.TARGETS)
+    assert "| Hopper-v5 | 1M | 0, 1 | 2500.0 ± 500.0 | 3400.0 ± 400.0 | yes | 3600 | no |" in rows
+    assert "| Humanoid-v5 | 2M | none | not run | not run | | 1000 | |" in rows

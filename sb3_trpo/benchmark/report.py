@@ -15,6 +15,10 @@ Definitions (per implementation and environment, over the seeds found):
 - *failed line searches*: updates whose line search found no acceptable step, over all updates of all seeds.
 - *steps/s*: environment steps per second of training, evaluation time excluded; mean over seeds.
   Runs share machines, so this is a record, not a speed comparison (``python -m sb3_trpo.benchmark speed`` is).
+- *targets*: for each MuJoCo task of ``TARGETS``, the final return of both implementations at the
+  target budget, over the seeds both have run (sb3-contrib with the same settings and seeds is
+  the floor), next to the goal: the best TRPO result published at that budget on an older
+  version of the task.
 """
 
 from __future__ import annotations
@@ -33,6 +37,16 @@ import numpy as np
 COLLAPSE_DROP = 0.3
 IMPL_ORDER = ("sb3_trpo", "sb3_contrib")
 REVISION_KEY = "sb3_trpo_git"
+# Budget and goal per task: the best TRPO results published at 1M steps (Humanoid: 2M), on
+# v3/v4 of the tasks (rl-zoo3's sb3-contrib benchmark, sb3-contrib's documentation, Tianshou).
+TARGETS: dict[str, tuple[int, float]] = {
+    "HalfCheetah-v5": (1_000_000, 4500.0),
+    "Hopper-v5": (1_000_000, 3600.0),
+    "Walker2d-v5": (1_000_000, 4900.0),
+    "Ant-v5": (1_000_000, 3500.0),
+    "Swimmer-v5": (1_000_000, 360.0),
+    "Humanoid-v5": (2_000_000, 1000.0),
+}
 
 
 @dataclass
@@ -145,6 +159,34 @@ def markdown_table(summaries: Sequence[Summary]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def targets_table(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
+    """Both implementations against each other and the goal, per task of ``TARGETS``, on their common seeds."""
+    lines = [
+        "| env | budget | common seeds | sb3-contrib final | sb3_trpo final | sb3_trpo >= floor | goal | goal reached |",
+        "|---|---:|---|---:|---:|---|---:|---|",
+    ]
+    for env_id, (budget, goal) in TARGETS.items():
+        finals = {
+            impl: {
+                run["seed"]: run["evaluation"]["mean"][-1]
+                for run in groups.get((env_id, impl), [])
+                if int(run["total_timesteps"]) == budget
+            }
+            for impl in IMPL_ORDER
+        }
+        seeds = sorted(set(finals["sb3_trpo"]) & set(finals["sb3_contrib"]))
+        if not seeds:
+            lines.append(f"| {env_id} | {_steps([budget])} | none | not run | not run | | {goal:g} | |")
+            continue
+        ours, floor = (np.array([finals[impl][seed] for seed in seeds]) for impl in IMPL_ORDER)
+        lines.append(
+            f"| {env_id} | {_steps([budget])} | {', '.join(map(str, seeds))} | {floor.mean():.1f} ± {floor.std():.1f} "
+            f"| {ours.mean():.1f} ± {ours.std():.1f} | {'yes' if ours.mean() >= floor.mean() else 'no'} | {goal:g} "
+            f"| {'yes' if ours.mean() >= goal else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def mean_curve(runs: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Timesteps, mean and std over runs of the evaluation curves (interpolated where the grids differ)."""
     grids = [np.asarray(run["evaluation"]["timesteps"], dtype=float) for run in runs]
@@ -251,6 +293,15 @@ def render_report(
     ]
     if plot is not None:
         parts += [f"![learning curves]({plot})", ""]
+    parts += [
+        "## Targets",
+        "",
+        targets_table(groups),
+        "Final return: mean ± std over the seeds both implementations have run at the budget. Goals: the "
+        "best TRPO results published at that budget, on older versions of the tasks (other metrics, see "
+        "BENCHMARKS.md).",
+        "",
+    ]
     parts += ["## Runs", "", _per_run_table(groups), f"Versions: {_versions(records)}.", ""]
     return "\n".join(parts), groups
 
