@@ -18,6 +18,7 @@ from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.distributions import DiagGaussianDistribution
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
+from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.torch_layers import FlattenExtractor, MlpExtractor
 from stable_baselines3.common.type_aliases import PyTorchObs
 from stable_baselines3.common.utils import obs_as_tensor
@@ -42,7 +43,7 @@ def action_sampler(policy: BasePolicy, action_shape: tuple[int, ...]) -> ActionS
     """One stochastic action per observation, drawn as SB3's ``ActorCriticPolicy.forward`` draws it.
 
     Built once per rollout: the policy does not change during one. SB3's own Gaussian MLP
-    actor (flattened Box observations, ``Linear``/``Tanh``/``ReLU`` layers) is evaluated
+    actor (flattened non-image Box observations, ``Linear``/``Tanh``/``ReLU`` layers) is evaluated
     in NumPy on a copy of its weights, because at a batch of a few observations torch's
     per-operation overhead is most of the cost. Its noise is drawn from torch's generator
     as ``Normal(mean, std).sample()`` draws it (``randn * std + mean``, float32): the same
@@ -95,6 +96,8 @@ def _numpy_gaussian_mlp(policy: BasePolicy) -> tuple[list[NumpyLayer], np.ndarra
         and cls.get_distribution is ActorCriticPolicy.get_distribution
         and cls._get_action_dist_from_latent is ActorCriticPolicy._get_action_dist_from_latent
         and isinstance(policy.observation_space, spaces.Box)
+        # SB3 scales image observations to [0, 1] before the extractor; only plain float casts are copied.
+        and not (policy.normalize_images and is_image_space(policy.observation_space))
         and type(policy.pi_features_extractor) is FlattenExtractor
         and type(policy.mlp_extractor).forward_actor is MlpExtractor.forward_actor
         and type(policy.mlp_extractor.policy_net) is nn.Sequential

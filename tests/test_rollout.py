@@ -7,7 +7,7 @@ import pytest
 import torch as th
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.envs import IdentityEnvMultiBinary, IdentityEnvMultiDiscrete, SimpleMultiObsEnv
+from stable_baselines3.common.envs import FakeImageEnv, IdentityEnvMultiBinary, IdentityEnvMultiDiscrete, SimpleMultiObsEnv
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.vec_env import VecNormalize
 from torch import nn
@@ -57,6 +57,13 @@ def _fields(buffer: RolloutBuffer) -> dict[str, np.ndarray]:
     return fields
 
 
+def _image_env() -> FakeImageEnv:
+    """Small uint8 images (which SB3 scales to [0, 1]), drawn from the observation space's generator."""
+    env = FakeImageEnv(screen_height=8, screen_width=8, discrete=False)
+    env.observation_space.seed(0)
+    return env
+
+
 @pytest.mark.parametrize(
     ("env_fn", "policy", "options"),
     [
@@ -81,8 +88,13 @@ def _fields(buffer: RolloutBuffer) -> dict[str, np.ndarray]:
             "MlpPolicy",
             dict(n_steps=64, policy_kwargs=dict(activation_fn=nn.ReLU, net_arch=[32, 16])),
         ),
+        (
+            lambda: make_vec_env(_image_env, n_envs=2),
+            "MlpPolicy",
+            dict(n_steps=32),
+        ),
     ],
-    ids=["gaussian-truncations", "categorical", "multicategorical", "bernoulli", "dict", "gsde", "unshared", "relu"],
+    ids=["gaussian-truncations", "categorical", "multicategorical", "bernoulli", "dict", "gsde", "unshared", "relu", "image"],
 )
 def test_rollout_fills_the_buffer_as_sb3_does(env_fn, policy: str, options: dict) -> None:
     ours, sb3 = _pair(env_fn, policy, **options)
