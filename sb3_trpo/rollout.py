@@ -74,7 +74,7 @@ def action_sampler(policy: BasePolicy, action_shape: tuple[int, ...]) -> ActionS
             mean = layer(mean)
         if noise.shape != mean.shape:
             noise = th.empty(mean.shape, dtype=th.float32)
-        return noise.normal_().numpy() * std + mean
+        return (noise.normal_().numpy() * std + mean).reshape((-1, *action_shape))
 
     return sample_gaussian
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch as th
+from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import FakeImageEnv, IdentityEnvMultiBinary, IdentityEnvMultiDiscrete, SimpleMultiObsEnv
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.vec_env import VecNormalize
 from torch import nn
 
@@ -161,3 +163,18 @@ def test_numpy_actor_is_used_exactly_for_sb3_mlp_gaussian_actors(policy_kwargs: 
     handle.remove()
     assert _numpy_gaussian_mlp(TRPO("MlpPolicy", "Pendulum-v1", use_sde=True).policy) is None
     assert _numpy_gaussian_mlp(TRPO("MlpPolicy", "CartPole-v1").policy) is None
+
+
+def test_sampler_gives_actions_in_the_shape_of_a_matrix_action_space() -> None:
+    observation_space = spaces.Box(-1.0, 1.0, (3,), dtype=np.float32)
+    action_space = spaces.Box(-1.0, 1.0, (2, 2), dtype=np.float32)
+    policy = ActorCriticPolicy(observation_space, action_space, lambda _: 1e-3)
+    assert _numpy_gaussian_mlp(policy) is not None
+    observations = th.randn(5, 3)
+    th.manual_seed(7)
+    with th.no_grad():
+        expected, _, _ = policy(observations)
+    th.manual_seed(7)
+    actions = action_sampler(policy, action_space.shape)(observations.numpy())
+    assert actions.shape == (5, 2, 2)
+    np.testing.assert_allclose(actions, expected.reshape(5, 2, 2).numpy(), rtol=0, atol=1e-6)
