@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import re
 
 import pytest
 
-from sb3_trpo.benchmark.speed import main, run
+from sb3_trpo.benchmark.speed import _private_kb, main, run
 
 RUN_LINE = re.compile(
     r"^run (?P<env>\S+) (?P<impl>\S+) rep=(?P<rep>\d+) steps_per_s=(?P<sps>\d+) peak_rss_mb=(?P<rss>\d+) "
@@ -35,3 +36,30 @@ def test_speed_benchmark_rejects_bad_options(capsys: pytest.CaptureFixture[str])
     with pytest.raises(SystemExit):
         main(["--repetitions", "0"])
     assert "--repetitions must be >= 1" in capsys.readouterr().err
+
+
+def test_worker_memory_counts_only_its_private_pages() -> None:
+    """The background critic worker is charged for what it alone maps, not for what it shares."""
+    context = multiprocessing.get_context("fork")
+    shared = b"\x01" * (64 << 20)  # resident in this process, shared with a forked child
+    ready, done = context.Event(), context.Event()
+
+    def child(private_mb: int) -> None:
+        held = b"\x02" * (private_mb << 20)
+        ready.set()
+        done.wait(30)
+        del held
+
+    sizes = {}
+    for private_mb in (0, 64):
+        ready.clear()
+        done.clear()
+        process = context.Process(target=child, args=(private_mb,))
+        process.start()
+        assert ready.wait(30)
+        sizes[private_mb] = _private_kb(process.pid) / 1024
+        done.set()
+        process.join()
+    assert len(shared) == 64 << 20
+    assert sizes[0] < 32, "the 64 MB shared with the parent must not count"
+    assert 64 <= sizes[64] < 64 + 32
