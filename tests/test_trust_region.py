@@ -86,7 +86,7 @@ def test_fisher_vector_product_equals_dense_kl_hessian(kind: str, method: str, s
     hessian = dense_kl_hessian(policy, obs)
     actor, _ = split_actor_critic(policy)
     if method == "analytic":
-        product = distribution_fisher_vector_product(policy.get_distribution(obs), actor, len(obs))
+        product = distribution_fisher_vector_product(policy.get_distribution(obs), actor)
         assert product is not None
     else:
         with th.no_grad():
