@@ -141,8 +141,8 @@ class NPG(OnPolicyAlgorithm):
         closed-form Fisher, and a vector-Jacobian product back; double backprop for
         distributions without a closed form) or ``"double_backprop"`` (Hessian-vector
         product of the mean KL, as sb3-contrib does). Both give the same product (tested
-        against the dense KL Hessian); the analytic one measured faster (policy step 66 ms
-        against 85 ms on HalfCheetah-v5, 62 against 88 ms on Hopper-v5).
+        against the dense KL Hessian); the analytic one is faster per policy step on MuJoCo
+        MLPs (BENCHMARKS.md).
     :param cg_residual_tol: conjugate gradient stops once the squared residual norm is below this
     :param background_critic_fit: fit the critic in a second process, on another core, while the
         next rollout is collected (CPU only, Adam/AdamW). The numbers are those of the
