@@ -312,8 +312,6 @@ class NPG(OnPolicyAlgorithm):
                 return False
             self._update_info_buffer(infos, dones)
             n_steps += 1
-            if isinstance(self.action_space, spaces.Discrete):
-                actions = actions.reshape(-1, 1)
             for idx, done in enumerate(dones):
                 terminal_obs = infos[idx].get("terminal_observation")
                 if done and terminal_obs is not None and infos[idx].get("TimeLimit.truncated", False):
