@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from matplotlib import image
 
@@ -243,5 +244,24 @@ def test_targets_table_compares_common_seeds_at_the_budget() -> None:
     ]
     rows = report.targets_table(report.group(records)).splitlines()
     assert len(rows) == 2 + len(report.TARGETS)
-    assert "| Hopper-v5 | 1M | 0, 1 | 2500.0 ± 500.0 | 3400.0 ± 400.0 | yes | 3600 | no |" in rows
-    assert "| Humanoid-v5 | 2M | none | not run | not run | | 1000 | |" in rows
+    # Resamples of two seeds each: differences 3400 - 2500 +- 900 +- 500 (or both, or neither) -> [+0, +1800].
+    assert "| Hopper-v5 | 1M | 0, 1 | 2500.0 ± 500.0 | 3400.0 ± 400.0 | yes | +900.0 [+0.0, +1800.0] | 3600 | no |" in rows
+    assert "| Humanoid-v5 | 2M | none | not run | not run | | | 1000 | |" in rows
+
+
+def test_difference_interval_matches_the_normal_interval_on_large_samples() -> None:
+    rng = np.random.default_rng(1)
+    ours, floor = rng.normal(1.0, 1.0, 400), rng.normal(0.0, 2.0, 400)
+    standard_error = math.sqrt(ours.var() / 400 + floor.var() / 400)
+    center = ours.mean() - floor.mean()
+    low, high = report.difference_interval(ours, floor)
+    assert low == pytest.approx(center - 1.96 * standard_error, abs=0.15 * standard_error)
+    assert high == pytest.approx(center + 1.96 * standard_error, abs=0.15 * standard_error)
+
+
+def test_difference_interval_of_constant_samples_is_the_difference() -> None:
+    assert report.difference_interval(np.full(3, 5.0), np.full(4, 2.0)) == (3.0, 3.0)
+    # Widening the confidence widens the interval; a separated pair excludes zero.
+    ours, floor = np.array([10.0, 11.0, 12.0]), np.array([0.0, 1.0, 2.0])
+    narrow, wide = report.difference_interval(ours, floor, 0.5), report.difference_interval(ours, floor, 0.99)
+    assert wide[0] < narrow[0] < narrow[1] < wide[1] and wide[0] > 0

@@ -18,7 +18,9 @@ Definitions (per implementation and environment, over the seeds found):
 - *targets*: for each MuJoCo task of ``TARGETS``, the final return of both implementations at the
   target budget, over the seeds both have run (sb3-contrib with the same settings and seeds is
   the floor), next to the goal: the best TRPO result published at that budget on an older
-  version of the task.
+  version of the task. The *difference* column is sb3_trpo's mean minus sb3-contrib's, with a 95%
+  percentile-bootstrap interval (seeds resampled with replacement within each implementation):
+  an interval that contains 0 means the seeds do not tell the two apart.
 """
 
 from __future__ import annotations
@@ -159,11 +161,34 @@ def markdown_table(summaries: Sequence[Summary]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def difference_interval(
+    ours: np.ndarray, floor: np.ndarray, confidence: float = 0.95, n_resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float]:
+    """
+    Percentile-bootstrap interval of ``mean(ours) - mean(floor)``, each sample resampled on its own.
+
+    :param ours: final returns of one implementation, one per seed
+    :param floor: final returns of the other implementation, one per seed
+    :param confidence: probability mass between the two bounds
+    :param n_resamples: bootstrap resamples
+    :param seed: seed of the resampling, so that a report is reproducible
+    :return: the lower and upper bound
+    """
+    rng = np.random.default_rng(seed)
+    ours_means = rng.choice(ours, size=(n_resamples, len(ours))).mean(axis=1)
+    floor_means = rng.choice(floor, size=(n_resamples, len(floor))).mean(axis=1)
+    differences = ours_means - floor_means
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(differences, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def targets_table(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
     """Both implementations against each other and the goal, per task of ``TARGETS``, on their common seeds."""
     lines = [
-        "| env | budget | common seeds | sb3-contrib final | sb3_trpo final | sb3_trpo >= floor | goal | goal reached |",
-        "|---|---:|---|---:|---:|---|---:|---|",
+        "| env | budget | common seeds | sb3-contrib final | sb3_trpo final | sb3_trpo >= floor "
+        "| difference (95% interval) | goal | goal reached |",
+        "|---|---:|---|---:|---:|---|---:|---:|---|",
     ]
     for env_id, (budget, goal) in TARGETS.items():
         finals = {
@@ -176,12 +201,14 @@ def targets_table(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
         }
         seeds = sorted(set(finals["sb3_trpo"]) & set(finals["sb3_contrib"]))
         if not seeds:
-            lines.append(f"| {env_id} | {_steps([budget])} | none | not run | not run | | {goal:g} | |")
+            lines.append(f"| {env_id} | {_steps([budget])} | none | not run | not run | | | {goal:g} | |")
             continue
         ours, floor = (np.array([finals[impl][seed] for seed in seeds]) for impl in IMPL_ORDER)
+        low, high = difference_interval(ours, floor)
         lines.append(
             f"| {env_id} | {_steps([budget])} | {', '.join(map(str, seeds))} | {floor.mean():.1f} ± {floor.std():.1f} "
-            f"| {ours.mean():.1f} ± {ours.std():.1f} | {'yes' if ours.mean() >= floor.mean() else 'no'} | {goal:g} "
+            f"| {ours.mean():.1f} ± {ours.std():.1f} | {'yes' if ours.mean() >= floor.mean() else 'no'} "
+            f"| {ours.mean() - floor.mean():+.1f} [{low:+.1f}, {high:+.1f}] | {goal:g} "
             f"| {'yes' if ours.mean() >= goal else 'no'} |"
         )
     return "\n".join(lines) + "\n"
