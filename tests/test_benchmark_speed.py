@@ -25,7 +25,8 @@ def test_speed_benchmark_reports_both_implementations_and_their_ratio() -> None:
     for match in runs:
         assert match is not None
         phases = float(match["rollout"]) + float(match["policy"]) + (0 if match["critic"] == "nan" else float(match["critic"]))
-        assert 0 < phases <= float(match["total"]) + 0.01
+        # The phases are disjoint parts of the total; each of the four printed figures is rounded to 0.01.
+        assert 0 < phases <= float(match["total"]) + 4 * 0.005 + 1e-9
         assert int(match["rss"]) > 100
     summary = summaries["Pendulum-v1"]
     assert summary["ratio"] == pytest.approx(summary["sb3_trpo"] / summary["sb3_contrib"])
