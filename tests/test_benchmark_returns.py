@@ -244,7 +244,7 @@ def test_targets_table_compares_common_seeds_at_the_budget() -> None:
     ]
     rows = report.targets_table(report.group(records)).splitlines()
     assert len(rows) == 2 + len(report.TARGETS)
-    # Resamples of two seeds each: differences 3400 - 2500 +- 900 +- 500 (or both, or neither) -> [+0, +1800].
+    # Resampled means: 3400 +- 400 or 3400, against 2500 +- 500 or 2500; their differences span [+0, +1800].
     assert "| Hopper-v5 | 1M | 0, 1 | 2500.0 ± 500.0 | 3400.0 ± 400.0 | yes | +900.0 [+0.0, +1800.0] | 3600 | no |" in rows
     assert "| Humanoid-v5 | 2M | none | not run | not run | | | 1000 | |" in rows
 
