@@ -44,6 +44,12 @@ def prefer_fused_adam(optimizer: th.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         if group.get("fused") is None and not group.get("foreach") and not group.get("differentiable"):
             group["fused"] = True
+            # State made by the unfused kernel (an sb3-contrib model, a loaded optimizer) keeps
+            # its step counters on the CPU, where the fused CUDA kernel cannot read them.
+            for param in group["params"]:
+                state = optimizer.state.get(param, {})
+                if "step" in state:
+                    state["step"] = state["step"].to(device=param.device, dtype=th.float32)
 
 
 @dataclass
