@@ -8,7 +8,9 @@ rl-zoo3 config entry its parameters stand for, so the best trial of a study is a
 from __future__ import annotations
 
 import difflib
-from collections.abc import Mapping
+import inspect
+import math
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -132,6 +134,119 @@ def config_entry(params: Mapping[str, Any], **fixed: Any) -> dict[str, Any]:
     """
     policy_kwargs = ", ".join(f"{name}={_python_source(value)}" for name, value in _policy_kwargs(params).items())
     return {**fixed, **_scalar_hyperparams(params), "policy_kwargs": f"dict({policy_kwargs})"}
+
+
+def entry_params(
+    sampler: Callable[[optuna.Trial, int, int, dict], dict[str, Any]],
+    hyperparams: Mapping[str, Any],
+    algorithm_class: type,
+    n_actions: int,
+) -> dict[str, Any]:
+    """
+    The sampled parameters that stand for a config entry: the inverse of :func:`convert_params`,
+    for ``study.enqueue_trial``, so that a study's first trial is the entry it starts from.
+
+    Parameters the entry does not set take the constructor's defaults (SB3's MLP of two
+    64-unit layers when ``net_arch`` is not given).
+
+    :param sampler: the sampler of the study (it names the parameters and their ranges)
+    :param hyperparams: the entry as rl-zoo3 preprocessed it (``policy_kwargs`` a dict)
+    :param algorithm_class: the class the entry configures, for the defaults
+    :param n_actions: as for the sampler (0: no ``log_std_init``)
+    :return: ``trial.params`` of a trial that trains with the entry
+    :raises ValueError: naming the hyperparameter whose value the search space does not hold
+    """
+    import optuna
+
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        probe = optuna.create_study().ask()
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    sampler(probe, n_actions, 1, {})
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(algorithm_class).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    policy = hyperparams.get("policy", "MlpPolicy")
+    policy_class = algorithm_class.policy_aliases[policy] if isinstance(policy, str) else policy  # type: ignore[attr-defined]
+    policy_defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(policy_class).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    entry_policy_kwargs = dict(hyperparams.get("policy_kwargs") or {})
+    policy_kwargs = {**policy_defaults, **entry_policy_kwargs}
+    # A trial's policy_kwargs replace the entry's: what the sampler does not set would be lost.
+    unsampled = sorted(set(entry_policy_kwargs) - set(probe.distributions))
+    if unsampled:
+        raise ValueError(
+            f"policy_kwargs {', '.join(unsampled)} in the config entry are not in the search space of the "
+            f"study (it samples {', '.join(name for name in _POLICY_PARAMS if name in probe.distributions)})"
+        )
+    params: dict[str, Any] = {}
+    for name, distribution in probe.distributions.items():
+        if name in _POWERS_OF_TWO:
+            value: Any = math.log2(_entry_value(_POWERS_OF_TWO[name], hyperparams, defaults))
+        elif name in _COMPLEMENTS:
+            # Rounded, so that 1 - 0.99 is stored as 0.01 and gives back 0.99.
+            value = float(f"{1 - _entry_value(_COMPLEMENTS[name], hyperparams, defaults):.12g}")
+        elif name == "net_arch":
+            value = _net_arch_name(policy_kwargs["net_arch"])
+        elif name == "activation_fn":
+            value = next((key for key, module in ACTIVATION_FNS.items() if module is policy_kwargs[name]), None)
+        elif name in _POLICY_PARAMS:
+            value = policy_kwargs[name]
+        else:
+            value = _entry_value(name, hyperparams, defaults)
+        if isinstance(distribution, optuna.distributions.IntDistribution) and float(value).is_integer():
+            value = int(value)
+        if value is None or not distribution._contains(distribution.to_internal_repr(value)):
+            raise ValueError(
+                f"{_entry_shown(name, hyperparams, policy_kwargs)} in the config entry is outside the "
+                f"search space of the study: {_range(name, distribution)}"
+            )
+        params[name] = value
+    return params
+
+
+def _entry_value(name: str, hyperparams: Mapping[str, Any], defaults: Mapping[str, Any]) -> Any:
+    value = hyperparams.get(name, defaults.get(name))
+    if callable(value):
+        raise ValueError(f"{name} of the config entry is a schedule; a study samples constants")
+    return value
+
+
+def _net_arch_name(net_arch: Any) -> str | None:
+    if net_arch is None:
+        return "small"  # SB3's MLP default, two 64-unit layers for actor and critic
+    if isinstance(net_arch, dict):
+        layers = list(net_arch.get("pi", []))
+        if layers != list(net_arch.get("vf", [])):
+            return None
+    else:
+        layers = list(net_arch)
+    return next((key for key, value in NET_ARCHS.items() if value == layers), None)
+
+
+def _entry_shown(name: str, hyperparams: Mapping[str, Any], policy_kwargs: Mapping[str, Any]) -> str:
+    shown = {**_POWERS_OF_TWO, **_COMPLEMENTS}.get(name, name)
+    source = policy_kwargs if name in _POLICY_PARAMS else hyperparams
+    value = source.get(shown, "its default")
+    return f"{shown}={getattr(value, '__name__', value)}"
+
+
+def _range(name: str, distribution: Any) -> str:
+    """The search space of a sampled parameter, in terms of the config entry's hyperparameter."""
+    if hasattr(distribution, "choices"):
+        return "one of " + ", ".join(map(str, distribution.choices))
+    if name in _POWERS_OF_TWO:
+        return f"powers of two from {2**distribution.low} to {2**distribution.high}"
+    if name in _COMPLEMENTS:
+        return f"[{1 - distribution.high:.12g}, {1 - distribution.low:.12g}]"
+    return f"[{distribution.low}, {distribution.high}]"
 
 
 def _python_source(value: Any) -> str:

@@ -3,6 +3,10 @@
 ``python -m sb3_trpo.zoo train --algo trpo --env Pendulum-v1 [any rl-zoo3 train option]``
 ``python -m sb3_trpo.zoo enjoy --algo trpo --env Pendulum-v1 -f logs/ [any rl-zoo3 enjoy option]``
 
+``train -optimize`` takes one option of its own, ``--enqueue-entry``: the config entry of
+``--env`` becomes a trial of the study (``--storage`` and ``--study-name`` needed) before
+rl-zoo3's sampler proposes any.
+
 Before rl-zoo3 parses the command line, ``trpo`` (and ``npg``, and the variants the
 package defines) are bound to this package's classes, samplers and converter, and
 ``sb3_trpo/zoo_configs/<algo>.yml`` becomes the config unless ``--conf-file`` names one.
@@ -25,6 +29,7 @@ from typing import Any
 import gymnasium as gym
 import optuna
 import rl_zoo3.train
+from optuna.storages.journal import JournalFileBackend
 from rl_zoo3.enjoy import enjoy as rl_zoo3_enjoy
 from rl_zoo3.exp_manager import ExperimentManager
 from rl_zoo3.hyperparams_opt import HYPERPARAMS_CONVERTER, HYPERPARAMS_SAMPLER
@@ -33,7 +38,14 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.vec_env import VecEnv
 
 import sb3_trpo
-from sb3_trpo.hyperparams import check_env_id, check_storage, config_entry, sample_npg_params, sample_trpo_params
+from sb3_trpo.hyperparams import (
+    check_env_id,
+    check_storage,
+    config_entry,
+    entry_params,
+    sample_npg_params,
+    sample_trpo_params,
+)
 from sb3_trpo.maskable import sample_trpo_mask_params
 from sb3_trpo.recurrent import sample_trpo_lstm_params
 
@@ -41,6 +53,8 @@ Sampler = Callable[[optuna.Trial, int, int, dict], dict[str, Any]]
 
 CONFIG_DIR = Path(__file__).parent / "zoo_configs"
 PROG = "python -m sb3_trpo.zoo"
+# This package's train option, taken off the command line before rl-zoo3 parses it.
+ENQUEUE_ENTRY = "--enqueue-entry"
 # Constructor arguments that rl-zoo3 sets from its command line, never from a config.
 SET_BY_RL_ZOO3 = ("env", "tensorboard_log", "seed", "verbose", "device")
 
@@ -137,7 +151,15 @@ def check_constructor_arguments(
 
 
 class CheckedExperimentManager(ExperimentManager):
-    """rl-zoo3's experiment manager, stopping on bad input before it trains or opens a study."""
+    """rl-zoo3's experiment manager, stopping on bad input before it trains or opens a study.
+
+    With ``enqueue_entry`` (``--enqueue-entry`` on the command line), an optimization first
+    enqueues the config entry itself as a trial of the study, so that the study measures
+    what it starts from and its best trial is never worse than that on the study's budget.
+    """
+
+    enqueue_entry = False
+    _entry_params: dict[str, Any]
 
     def _preprocess_hyperparams(self, hyperparams: dict[str, Any]) -> tuple[Any, ...]:
         # rl-zoo3 calls this first in setup_experiment: before it makes folders, environments or models.
@@ -157,7 +179,41 @@ class CheckedExperimentManager(ExperimentManager):
                 check_storage(self.storage)
             except ValueError as error:
                 raise ZooInputError(str(error)) from error
+            if self.enqueue_entry:
+                self._entry_params = self._checked_entry_params(kwargs)
         return processed
+
+    def _checked_entry_params(self, hyperparams: dict[str, Any]) -> dict[str, Any]:
+        if self.storage is None or self.study_name is None:
+            raise ZooInputError(f"{ENQUEUE_ENTRY} needs --storage and --study-name: the entry is enqueued in that study")
+        env = self.create_envs(1, no_log=True)
+        n_actions = env.action_space.shape[0] if isinstance(env.action_space, gym.spaces.Box) else 0
+        env.close()
+        try:
+            return entry_params(HYPERPARAMS_SAMPLER[self.algo], hyperparams, ALGOS[self.algo], n_actions)
+        except ValueError as error:
+            raise ZooInputError(f"{ENQUEUE_ENTRY}: {error}") from error
+
+    def hyperparameters_optimization(self) -> None:
+        if self.enqueue_entry:
+            self._enqueue_entry()
+        super().hyperparameters_optimization()
+
+    def _enqueue_entry(self) -> None:
+        assert self.storage is not None  # checked with the hyperparameters
+        # The same storage and study as rl-zoo3's optimization opens next.
+        storage: str | optuna.storages.BaseStorage = self.storage
+        if self.storage.endswith(".log"):
+            Path(self.storage).parent.mkdir(parents=True, exist_ok=True)
+            storage = optuna.storages.JournalStorage(JournalFileBackend(self.storage))
+        study = optuna.create_study(storage=storage, study_name=self.study_name, load_if_exists=True, direction="maximize")
+        study.enqueue_trial(self._entry_params, skip_if_exists=True)
+
+
+class EnqueuingExperimentManager(CheckedExperimentManager):
+    """:class:`CheckedExperimentManager` for ``--enqueue-entry``."""
+
+    enqueue_entry = True
 
 
 def _peek(argv: Sequence[str]) -> argparse.Namespace:
@@ -191,7 +247,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     """
     args = list(sys.argv[1:] if argv is None else argv)
     commands: dict[str, Callable[[], None]] = {"train": rl_zoo3.train.train, "enjoy": rl_zoo3_enjoy}
-    usage = f"usage: {PROG} {{train,enjoy}} [rl-zoo3 arguments; see {PROG} train --help]"
+    usage = (
+        f"usage: {PROG} {{train,enjoy}} [rl-zoo3 arguments; see {PROG} train --help]\n"
+        f"train -optimize also takes {ENQUEUE_ENTRY}: the config entry of --env becomes a trial of the study"
+    )
     if args[:1] in (["-h"], ["--help"]):
         print(usage)
         return
@@ -201,11 +260,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     registered = register()
     saved_argv, saved_manager = sys.argv, rl_zoo3.train.ExperimentManager
     try:
+        manager: type[CheckedExperimentManager] = CheckedExperimentManager
         if command == "train":
+            if ENQUEUE_ENTRY in rest:
+                if not {"-optimize", "--optimize-hyperparameters"} & set(rest):
+                    raise ZooInputError(f"{ENQUEUE_ENTRY} enqueues a trial of a study: it needs -optimize")
+                rest = [arg for arg in rest if arg != ENQUEUE_ENTRY]
+                manager = EnqueuingExperimentManager
             rest = _train_arguments(rest, registered)
         # rl-zoo3 parses sys.argv; the manager is looked up in rl_zoo3.train when train() runs.
         sys.argv = [f"{PROG} {command}", *rest]
-        rl_zoo3.train.ExperimentManager = CheckedExperimentManager  # type: ignore[misc]
+        rl_zoo3.train.ExperimentManager = manager  # type: ignore[misc]
         commands[command]()
     except ZooInputError as error:
         sys.exit(f"{PROG} {command}: error: {error}")

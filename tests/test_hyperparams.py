@@ -9,19 +9,23 @@ import numpy as np
 import optuna
 import pytest
 import torch as th
+import yaml
 from stable_baselines3.common.env_util import make_vec_env
 from torch import nn
 
-from sb3_trpo import NPG, TRPO
+from sb3_trpo import NPG, TRPO, RecurrentTRPO
 from sb3_trpo.hyperparams import (
     ACTIVATION_FNS,
     NET_ARCHS,
     check_storage,
     config_entry,
     convert_params,
+    entry_params,
     sample_npg_params,
     sample_trpo_params,
 )
+from sb3_trpo.recurrent import sample_trpo_lstm_params
+from sb3_trpo.zoo import CONFIG_DIR
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -131,6 +135,84 @@ def test_conversion_matches_hand_computed_values() -> None:
     assert config_entry(params)["policy_kwargs"] == (
         "dict(net_arch=dict(pi=[256, 256], vf=[256, 256]), activation_fn=nn.ReLU, ortho_init=False)"
     )
+
+
+MUJOCO_ENTRIES = ["HalfCheetah-v5", "Hopper-v5", "Walker2d-v5", "Ant-v5", "Swimmer-v5", "Humanoid-v5"]
+
+
+def package_entry(env_id: str) -> dict:
+    """The package's config entry for ``env_id`` with ``policy_kwargs`` evaluated, as rl-zoo3 does."""
+    entry = yaml.safe_load((CONFIG_DIR / "trpo.yml").read_text())[env_id]
+    if "policy_kwargs" in entry:
+        entry["policy_kwargs"] = eval(entry["policy_kwargs"], {"nn": nn})
+    return entry
+
+
+@pytest.mark.parametrize("env_id", MUJOCO_ENTRIES)
+def test_entry_params_train_with_the_entry_values(env_id: str) -> None:
+    entry = package_entry(env_id)
+    hyperparams = convert_params(entry_params(sample_trpo_params, entry, TRPO, n_actions=6))
+    # TRPO's defaults (sb3-contrib's), for what the entry leaves out.
+    defaults = {
+        "target_kl": 0.01,
+        "cg_max_steps": 15,
+        "cg_damping": 0.1,
+        "line_search_shrinking_factor": 0.8,
+        "line_search_max_iter": 10,
+        "n_steps": 2048,
+        "gamma": 0.99,
+        "gae_lambda": 0.95,
+        "learning_rate": 1e-3,
+        "n_critic_updates": 10,
+        "batch_size": 128,
+    }
+    for name, value in hyperparams.items():
+        if name != "policy_kwargs":
+            expected = entry.get(name, defaults.get(name))
+            assert value == pytest.approx(expected), name if expected is not None else f"{name} has no default here"
+    policy_kwargs = hyperparams["policy_kwargs"]
+    assert policy_kwargs["net_arch"] == {"pi": [64, 64], "vf": [64, 64]}  # SB3's default MLP
+    assert policy_kwargs["activation_fn"] is nn.Tanh and policy_kwargs["ortho_init"] is True
+    assert policy_kwargs["log_std_init"] == entry.get("policy_kwargs", {}).get("log_std_init", 0.0)
+
+
+def test_entry_params_read_network_and_lstm_options() -> None:
+    entry = {
+        "policy": "MlpLstmPolicy",
+        "n_steps": 256,
+        "gamma": 0.999,
+        "policy_kwargs": {"net_arch": [256, 256], "activation_fn": nn.ReLU, "lstm_hidden_size": 32},
+    }
+    params = entry_params(sample_trpo_lstm_params, entry, RecurrentTRPO, n_actions=0)
+    assert params["net_arch"] == "medium" and params["activation_fn"] == "relu"
+    assert params["lstm_hidden_size"] == 32 and params["enable_critic_lstm"] is True
+    assert params["n_steps_pow"] == 8 and params["one_minus_gamma"] == 0.001
+    assert "log_std_init" not in params  # no Box actions
+    # The enqueued parameters are a point of the study's search space: a trial accepts them.
+    study = optuna.create_study(direction="maximize")
+    study.enqueue_trial(params)
+    trial = study.ask()
+    sample_trpo_lstm_params(trial, 0, 1, {})
+    assert trial.params == params
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"n_steps": 1000}, r"^n_steps=1000 in the config entry is outside .*: powers of two from 32 to 2048$"),
+        ({"gamma": 0.5}, r"^gamma=0.5 in .*: \[0.9, 0.9999\]$"),
+        ({"target_kl": 0.5}, r"^target_kl=0.5 in .*: \[0.001, 0.1\]$"),
+        ({"policy_kwargs": {"net_arch": [400, 300]}}, r"^net_arch=\[400, 300\] in .*: one of tiny, small, medium$"),
+        ({"policy_kwargs": {"net_arch": {"pi": [64], "vf": [256, 256]}}}, r"^net_arch=.* one of tiny, small, medium$"),
+        ({"policy_kwargs": {"activation_fn": nn.ELU}}, r"^activation_fn=ELU in .*: one of tanh, relu$"),
+        ({"policy_kwargs": {"squash_output": True}}, r"^policy_kwargs squash_output in the config entry are not in"),
+        ({"learning_rate": lambda progress: 1e-3 * progress}, r"^learning_rate of the config entry is a schedule"),
+    ],
+)
+def test_entry_outside_the_search_space_is_named(change: dict, message: str) -> None:
+    entry = {**package_entry("HalfCheetah-v5"), **change}
+    with pytest.raises(ValueError, match=message):
+        entry_params(sample_trpo_params, entry, TRPO, n_actions=6)
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from optuna.storages.journal import JournalFileBackend
 from rl_zoo3.hyperparams_opt import HYPERPARAMS_CONVERTER, HYPERPARAMS_SAMPLER
 from rl_zoo3.utils import ALGOS
 
@@ -207,6 +208,58 @@ def test_optimize_stores_trials_and_a_trial_trains_from_its_config(tmp_path: Pat
     assert model.target_kl == pytest.approx(trial.user_attrs["target_kl"])
     assert model.gamma == pytest.approx(trial.user_attrs["gamma"])
     assert model.policy_kwargs["activation_fn"].__name__.lower() == trial.params["activation_fn"]
+
+
+def test_enqueue_entry_makes_the_config_entry_a_trial_once(tmp_path: Path) -> None:
+    storage = str(tmp_path / "study.log")  # rl-zoo3's journal file storage
+    command = [
+        "train", "--algo", "trpo", "--env", "Pendulum-v1", "-f", str(tmp_path / "logs"), "--storage", storage,
+        "--study-name", "p", "-optimize", "--enqueue-entry", "--n-trials", "1", "--n-jobs", "1", "-n", "64",
+        "--n-evaluations", "1", "--sampler", "random", "--pruner", "none", "--no-optim-plots", "--seed", "1",
+        "-params", "n_envs:1", "n_steps:64",
+    ]  # fmt: skip
+    main(command)
+    main(command)  # a second worker of the same study: the entry is not enqueued again
+    study = optuna.load_study(study_name="p", storage=optuna.storages.JournalStorage(JournalFileBackend(storage)))
+    assert [trial.state for trial in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    first, second = (trial.user_attrs for trial in study.trials)
+    # The package's Pendulum-v1 entry, with the -params override; what it leaves out, TRPO's defaults.
+    entry = {"n_steps": 64, "gamma": 0.9, "n_critic_updates": 15, "target_kl": 0.01, "gae_lambda": 0.95, "batch_size": 128}
+    assert {name: first[name] for name in entry} == pytest.approx(entry)
+    assert first["policy_kwargs"] == (
+        "dict(net_arch=dict(pi=[64, 64], vf=[64, 64]), activation_fn=nn.Tanh, ortho_init=True, log_std_init=0.0)"
+    )
+    assert second != first
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ([], "--enqueue-entry needs --storage and --study-name"),
+        (
+            ["--storage", "STUDY", "--study-name", "pendulum", "-params", "n_steps:1000"],
+            "n_steps=1000 in the config entry is outside",
+        ),
+    ],
+)  # fmt: skip
+def test_enqueue_entry_stops_on_bad_input_before_training_and_leaves_the_study(
+    extra: list[str], expected: str, tmp_path: Path, existing_study: tuple[str, Path]
+) -> None:
+    url, path = existing_study
+    before = sha256(path)
+    extra = [url if arg == "STUDY" else arg for arg in extra]
+    message = run_zoo(
+        "train", "--algo", "trpo", "--env", "Pendulum-v1", "-optimize", "--enqueue-entry", "-f", str(tmp_path / "logs"),
+        *extra,
+    )  # fmt: skip
+    assert expected in message
+    assert sha256(path) == before and not (tmp_path / "logs").exists()
+
+
+def test_enqueue_entry_without_optimize_is_refused(tmp_path: Path) -> None:
+    message = run_zoo("train", "--algo", "trpo", "--env", "Pendulum-v1", "--enqueue-entry", "-f", str(tmp_path))
+    assert "--enqueue-entry enqueues a trial of a study: it needs -optimize" in message
+    assert not list(tmp_path.iterdir())
 
 
 # ------------------------------------------------------------------ bad input
