@@ -201,15 +201,25 @@ def entry_params(
             value = policy_kwargs[name]
         else:
             value = _entry_value(name, hyperparams, defaults)
-        if isinstance(distribution, optuna.distributions.IntDistribution) and float(value).is_integer():
-            value = int(value)
-        if value is None or not distribution._contains(distribution.to_internal_repr(value)):
+        if not _holds(distribution, value):
             raise ValueError(
                 f"{_entry_shown(name, hyperparams, policy_kwargs)} in the config entry is outside the "
                 f"search space of the study: {_range(name, distribution)}"
             )
-        params[name] = value
+        params[name] = int(value) if isinstance(distribution, optuna.distributions.IntDistribution) else value
     return params
+
+
+def _holds(distribution: optuna.distributions.BaseDistribution, value: Any) -> bool:
+    """Whether the search space of one sampled parameter holds ``value``."""
+    import optuna
+
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return any(value == choice and type(value) is type(choice) for choice in distribution.choices)
+    assert isinstance(distribution, (optuna.distributions.FloatDistribution, optuna.distributions.IntDistribution))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not distribution.low <= value <= distribution.high:
+        return False
+    return not isinstance(distribution, optuna.distributions.IntDistribution) or float(value).is_integer()
 
 
 def _entry_value(name: str, hyperparams: Mapping[str, Any], defaults: Mapping[str, Any]) -> Any:
