@@ -79,6 +79,17 @@ def test_campaign_writes_run_files_and_resumes_without_retraining(tmp_path: Path
     assert _mtimes(results) == before
     assert capsys.readouterr().err.count("timesteps 1000 instead of 2000") == 4
 
+    # The same config read from another path is the same setting; a changed entry value is not.
+    moved = tmp_path / "elsewhere" / "trpo.yml"
+    moved.parent.mkdir()
+    moved.write_text(CONFIG)
+    assert returns.main(_campaign(moved, results)) == 0
+    assert capsys.readouterr().err == ""
+    moved.write_text(CONFIG.replace("n_critic_updates: 2", "n_critic_updates: 3"))
+    assert returns.main(_campaign(moved, results)) == 0
+    assert capsys.readouterr().err.count(f"n_critic_updates 2 instead of 3 in {moved}") == 4
+    assert _mtimes(results) == before
+
     # A run whose file is missing is trained again, in this process; the others are not touched.
     missing = returns.RunSpec("sb3_contrib", "CartPole-v1", 1, 1000, str(config), 600, 2)
     (results / f"{missing.name}.json").unlink()

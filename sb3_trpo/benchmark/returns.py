@@ -295,25 +295,35 @@ def is_complete(path: Path) -> bool:
 
 
 def settings_difference(path: Path, spec: RunSpec) -> str:
-    """What the settings of the complete run file ``path`` and ``spec`` disagree on ('' when nothing)."""
+    """What the settings of the complete run file ``path`` and ``spec`` disagree on ('' when nothing).
+
+    The config is compared by the entry it gives for the environment, not by its path: the
+    same file read from another checkout is the same setting.
+    """
     record = json.loads(path.read_text())
     ran = {
         "timesteps": record["total_timesteps"],
-        "config": record["config"]["path"],
         "eval-freq": record["evaluation"]["freq"],
         "eval-episodes": record["evaluation"]["episodes"],
     }
-    asked = {
-        "timesteps": spec.timesteps,
-        "config": spec.config,
-        "eval-freq": spec.eval_freq,
-        "eval-episodes": spec.eval_episodes,
-    }
-    return ", ".join(
+    asked = {"timesteps": spec.timesteps, "eval-freq": spec.eval_freq, "eval-episodes": spec.eval_episodes}
+    differences = [
         f"{key} {ran[key]} instead of {value}"
         for key, value in asked.items()
         if value is not None and str(value) != str(ran[key])
-    )
+    ]
+    entry, hyperparams = load_hyperparams(spec.config, spec.env_id)
+    ran_entry, ran_hyperparams = record["config"]["entry"], record["config"]["hyperparams"]
+    if entry != ran_entry:
+        differences.append(f"config entry {ran_entry} instead of {entry} of {spec.config}")
+    else:
+        changed = sorted(set(hyperparams) | set(ran_hyperparams), key=str)
+        differences += [
+            f"{name} {ran_hyperparams.get(name, 'unset')} instead of {hyperparams.get(name, 'unset')} in {spec.config}"
+            for name in changed
+            if ran_hyperparams.get(name) != hyperparams.get(name)
+        ]
+    return ", ".join(differences)
 
 
 def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
