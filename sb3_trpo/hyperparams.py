@@ -225,7 +225,11 @@ def _holds(distribution: optuna.distributions.BaseDistribution, value: Any) -> b
 def _entry_value(name: str, hyperparams: Mapping[str, Any], defaults: Mapping[str, Any]) -> Any:
     value = hyperparams.get(name, defaults.get(name))
     if callable(value):
-        raise ValueError(f"{name} of the config entry is a schedule; a study samples constants")
+        # rl-zoo3 turns constants into constant schedules too.
+        start, end = value(1.0), value(0.0)
+        if start != end:
+            raise ValueError(f"{name} of the config entry is a schedule ({start} to {end}); a study samples constants")
+        value = start
     return value
 
 

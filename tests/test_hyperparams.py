@@ -206,7 +206,10 @@ def test_entry_params_read_network_and_lstm_options() -> None:
         ({"policy_kwargs": {"net_arch": {"pi": [64], "vf": [256, 256]}}}, r"^net_arch=.* one of tiny, small, medium$"),
         ({"policy_kwargs": {"activation_fn": nn.ELU}}, r"^activation_fn=ELU in .*: one of tanh, relu$"),
         ({"policy_kwargs": {"squash_output": True}}, r"^policy_kwargs squash_output in the config entry are not in"),
-        ({"learning_rate": lambda progress: 1e-3 * progress}, r"^learning_rate of the config entry is a schedule"),
+        (
+            {"learning_rate": lambda progress: 1e-3 * progress},
+            r"^learning_rate of the config entry is a schedule \(0.001 to 0.0\)",
+        ),
     ],
 )
 def test_entry_outside_the_search_space_is_named(change: dict, message: str) -> None:

@@ -216,7 +216,7 @@ def test_enqueue_entry_makes_the_config_entry_a_trial_once(tmp_path: Path) -> No
         "train", "--algo", "trpo", "--env", "Pendulum-v1", "-f", str(tmp_path / "logs"), "--storage", storage,
         "--study-name", "p", "-optimize", "--enqueue-entry", "--n-trials", "1", "--n-jobs", "1", "-n", "64",
         "--n-evaluations", "1", "--sampler", "random", "--pruner", "none", "--no-optim-plots", "--seed", "1",
-        "-params", "n_envs:1", "n_steps:64",
+        "-params", "n_envs:1", "n_steps:64", "learning_rate:0.002",
     ]  # fmt: skip
     main(command)
     main(command)  # a second worker of the same study: the entry is not enqueued again
@@ -224,7 +224,10 @@ def test_enqueue_entry_makes_the_config_entry_a_trial_once(tmp_path: Path) -> No
     assert [trial.state for trial in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     first, second = (trial.user_attrs for trial in study.trials)
     # The package's Pendulum-v1 entry, with the -params override; what it leaves out, TRPO's defaults.
-    entry = {"n_steps": 64, "gamma": 0.9, "n_critic_updates": 15, "target_kl": 0.01, "gae_lambda": 0.95, "batch_size": 128}
+    entry = {
+        **{"n_steps": 64, "gamma": 0.9, "n_critic_updates": 15, "learning_rate": 0.002},
+        **{"target_kl": 0.01, "gae_lambda": 0.95, "batch_size": 128},
+    }
     assert {name: first[name] for name in entry} == pytest.approx(entry)
     assert first["policy_kwargs"] == (
         "dict(net_arch=dict(pi=[64, 64], vf=[64, 64]), activation_fn=nn.Tanh, ortho_init=True, log_std_init=0.0)"
