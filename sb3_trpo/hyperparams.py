@@ -18,6 +18,9 @@ from torch import nn
 if TYPE_CHECKING:
     import optuna
 
+# rl-zoo3's sampler signature: (trial, n_actions, n_envs, additional_args) -> constructor arguments.
+Sampler = Callable[["optuna.Trial", int, int, dict], dict[str, Any]]
+
 # Actor and critic get the same hidden layers (``net_arch=dict(pi=..., vf=...)``).
 NET_ARCHS: dict[str, list[int]] = {"tiny": [64], "small": [64, 64], "medium": [256, 256]}
 ACTIVATION_FNS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
@@ -137,7 +140,7 @@ def config_entry(params: Mapping[str, Any], **fixed: Any) -> dict[str, Any]:
 
 
 def entry_params(
-    sampler: Callable[[optuna.Trial, int, int, dict], dict[str, Any]],
+    sampler: Sampler,
     hyperparams: Mapping[str, Any],
     algorithm_class: type,
     n_actions: int,
@@ -165,18 +168,10 @@ def entry_params(
     finally:
         optuna.logging.set_verbosity(verbosity)
     sampler(probe, n_actions, 1, {})
-    defaults = {
-        name: parameter.default
-        for name, parameter in inspect.signature(algorithm_class).parameters.items()
-        if parameter.default is not inspect.Parameter.empty
-    }
+    defaults = _defaults(algorithm_class)
     policy = hyperparams.get("policy", "MlpPolicy")
     policy_class = algorithm_class.policy_aliases[policy] if isinstance(policy, str) else policy  # type: ignore[attr-defined]
-    policy_defaults = {
-        name: parameter.default
-        for name, parameter in inspect.signature(policy_class).parameters.items()
-        if parameter.default is not inspect.Parameter.empty
-    }
+    policy_defaults = _defaults(policy_class)
     entry_policy_kwargs = dict(hyperparams.get("policy_kwargs") or {})
     policy_kwargs = {**policy_defaults, **entry_policy_kwargs}
     # A trial's policy_kwargs replace the entry's: what the sampler does not set would be lost.
@@ -220,6 +215,15 @@ def _holds(distribution: optuna.distributions.BaseDistribution, value: Any) -> b
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not distribution.low <= value <= distribution.high:
         return False
     return not isinstance(distribution, optuna.distributions.IntDistribution) or float(value).is_integer()
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    """The constructor's keyword defaults."""
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(cls).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
 
 
 def _entry_value(name: str, hyperparams: Mapping[str, Any], defaults: Mapping[str, Any]) -> Any:

@@ -39,6 +39,7 @@ from stable_baselines3.common.vec_env import VecEnv
 
 import sb3_trpo
 from sb3_trpo.hyperparams import (
+    Sampler,
     check_env_id,
     check_storage,
     config_entry,
@@ -48,8 +49,6 @@ from sb3_trpo.hyperparams import (
 )
 from sb3_trpo.maskable import sample_trpo_mask_params
 from sb3_trpo.recurrent import sample_trpo_lstm_params
-
-Sampler = Callable[[optuna.Trial, int, int, dict], dict[str, Any]]
 
 CONFIG_DIR = Path(__file__).parent / "zoo_configs"
 PROG = "python -m sb3_trpo.zoo"
@@ -121,7 +120,7 @@ def register() -> list[str]:
 
 def check_constructor_arguments(
     algorithm_class: type[BaseAlgorithm], hyperparams: dict[str, Any], make_env: Callable[[], VecEnv], where: str
-) -> None:
+) -> gym.Space:
     """
     Raise :class:`ZooInputError` unless ``algorithm_class(env=make_env(), **hyperparams)`` builds.
 
@@ -132,6 +131,7 @@ def check_constructor_arguments(
     :param hyperparams: the config entry after rl-zoo3's preprocessing (schedules, ``policy_kwargs`` evaluated)
     :param make_env: builds the environment the way rl-zoo3 does
     :param where: where the hyperparameters come from, for the message
+    :return: the environment's action space
     """
     known = [name for name in inspect.signature(algorithm_class).parameters if name not in SET_BY_RL_ZOO3]
     for name in hyperparams:
@@ -148,6 +148,7 @@ def check_constructor_arguments(
         raise ZooInputError(f"invalid hyperparameter in {where}: {error}") from error
     finally:
         env.close()
+    return env.action_space
 
 
 class CheckedExperimentManager(ExperimentManager):
@@ -173,22 +174,21 @@ class CheckedExperimentManager(ExperimentManager):
         except (ValueError, NameError, AttributeError) as error:
             raise ZooInputError(f"invalid hyperparameter in {where}: {error}") from error
         kwargs, self.env_wrapper, _, self.vec_env_wrapper = processed
-        check_constructor_arguments(ALGOS[self.algo], kwargs, lambda: self.create_envs(1, no_log=True), where)
+        action_space = check_constructor_arguments(ALGOS[self.algo], kwargs, lambda: self.create_envs(1, no_log=True), where)
         if self.optimize_hyperparameters:
             try:
                 check_storage(self.storage)
             except ValueError as error:
                 raise ZooInputError(str(error)) from error
             if self.enqueue_entry:
-                self._entry_params = self._checked_entry_params(kwargs)
+                self._entry_params = self._checked_entry_params(kwargs, action_space)
         return processed
 
-    def _checked_entry_params(self, hyperparams: dict[str, Any]) -> dict[str, Any]:
+    def _checked_entry_params(self, hyperparams: dict[str, Any], action_space: gym.Space) -> dict[str, Any]:
         if self.storage is None or self.study_name is None:
             raise ZooInputError(f"{ENQUEUE_ENTRY} needs --storage and --study-name: the entry is enqueued in that study")
-        env = self.create_envs(1, no_log=True)
-        n_actions = env.action_space.shape[0] if isinstance(env.action_space, gym.spaces.Box) else 0
-        env.close()
+        # As rl-zoo3 computes the sampler's n_actions.
+        n_actions = action_space.shape[0] if isinstance(action_space, gym.spaces.Box) else 0
         try:
             return entry_params(HYPERPARAMS_SAMPLER[self.algo], hyperparams, ALGOS[self.algo], n_actions)
         except ValueError as error:
