@@ -21,6 +21,7 @@ from stable_baselines3.common.logger import configure
 
 from sb3_trpo import NPG, TRPO, MaskableTRPO, RecurrentTRPO
 from sb3_trpo.trust_region import flatten
+from tests.test_algorithm import all_finite
 from tests.test_parity import actor_steps
 from tests.test_recurrent import CueRecall
 
@@ -77,7 +78,7 @@ def test_update_on_cuda_equals_update_on_cpu(
     cuda_actor, cuda_critic = parameters(on_cuda)
     cpu_step = cpu_actor - before_actor
     assert float(cpu_step.norm()) > 1e-4, "the CPU update must move the actor"
-    assert all(bool(th.isfinite(p).all()) for p in on_cuda.policy.parameters())
+    assert all_finite(on_cuda)
     assert all(p.device.type == "cuda" for p in on_cuda.policy.parameters())
     # float32 rounding differs between the CPU and CUDA kernels and grows through conjugate
     # gradient and the LSTM's sequences (measured on an H200: 1.4e-3 for the LSTM cases, below
@@ -104,7 +105,7 @@ def test_weights_of_an_sb3_contrib_model_keep_training_on_cuda() -> None:
     before = parameters(ours)[0]
     ours.learn(SMALL["n_steps"])
     assert not th.equal(before, parameters(ours)[0])
-    assert all(bool(th.isfinite(p).all()) for p in ours.policy.parameters())
+    assert all_finite(ours)
 
 
 def test_model_trained_on_cuda_loads_on_cpu_with_the_same_actions(tmp_path: Path) -> None:
@@ -117,7 +118,7 @@ def test_model_trained_on_cuda_loads_on_cpu_with_the_same_actions(tmp_path: Path
     assert np.allclose(on_cuda, on_cpu, atol=1e-5)
     loaded.set_env(make_vec_env("Pendulum-v1"))
     loaded.learn(SMALL["n_steps"], reset_num_timesteps=False)
-    assert all(bool(th.isfinite(p).all()) for p in loaded.policy.parameters())
+    assert all_finite(loaded)
 
 
 def test_background_critic_fit_is_refused_on_cuda() -> None:
