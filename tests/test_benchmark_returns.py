@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import socket
@@ -97,6 +98,29 @@ def test_campaign_writes_run_files_and_resumes_without_retraining(tmp_path: Path
     after = _mtimes(results)
     assert after.keys() == before.keys()
     assert {name: after[name] == before[name] for name in after} == {name: name != f"{missing.name}.json" for name in after}
+
+
+@pytest.mark.parametrize("impl", ["sb3_trpo", "sb3_contrib"])
+def test_record_updates_keeps_each_updates_logged_statistics(tmp_path: Path, impl: str) -> None:
+    config = tmp_path / "trpo.yml"
+    config.write_text(CONFIG)
+    spec = returns.RunSpec(impl, "CartPole-v1", 0, 1500, str(config), 600, 2, record_updates=True)
+    record = returns.train_and_evaluate(spec)
+
+    updates = record["updates"]
+    # Three rollouts of 2 envs x 256 steps, one update after each.
+    assert [update["timesteps"] for update in updates] == [512, 1024, 1536]
+    assert record["line_search"]["n_updates"] == len(updates)
+    successes = [update["train/is_line_search_success"] for update in updates]
+    assert record["line_search"]["n_failures"] == successes.count(0.0)
+    for update in updates:
+        assert {"train/policy_objective", "train/value_loss", "train/kl_divergence_loss"} <= update.keys()
+        assert 0.0 <= update["train/kl_divergence_loss"] <= 0.01 * 1.5  # delta and the search's slack
+        # CartPole pays 1 per step: a mean episode return is an episode length.
+        assert update["rollout/ep_rew_mean"] is None or 8 <= update["rollout/ep_rew_mean"] <= 500
+    assert updates[-1]["rollout/ep_rew_mean"] is not None
+
+    assert "updates" not in returns.train_and_evaluate(dataclasses.replace(spec, record_updates=False))
 
 
 def _lock(path: Path, host: str, pid: int) -> str:
