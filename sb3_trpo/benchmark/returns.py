@@ -501,7 +501,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--record-updates",
         action="store_true",
         help="also store, per update, every train/ value the algorithm logged and the mean training episode "
-        "return (rollout/ep_rew_mean), under 'updates' in the run file (~0.2 MB per 1M-step run)",
+        "return (rollout/ep_rew_mean), under 'updates' in the run file (~0.4 MB per 1M-step run)",
     )
     args = parser.parse_args(argv)
     if args.jobs < 1:
