@@ -79,6 +79,9 @@ def test_campaign_writes_run_files_and_resumes_without_retraining(tmp_path: Path
     assert returns.main(other) == 0
     assert _mtimes(results) == before
     assert capsys.readouterr().err.count("timesteps 1000 instead of 2000") == 4
+    assert returns.main([*_campaign(config, results), "--record-updates"]) == 0
+    assert _mtimes(results) == before
+    assert capsys.readouterr().err.count("(updates not recorded)") == 4
 
     # The same config read from another path is the same setting; a changed entry value is not.
     moved = tmp_path / "elsewhere" / "trpo.yml"

@@ -336,6 +336,8 @@ def settings_difference(path: Path, spec: RunSpec) -> str:
         for key, value in asked.items()
         if value is not None and str(value) != str(ran[key])
     ]
+    if spec.record_updates and "updates" not in record:
+        differences.append("updates not recorded")
     entry, hyperparams = load_hyperparams(spec.config, spec.env_id)
     ran_entry, ran_hyperparams = record["config"]["entry"], record["config"]["hyperparams"]
     if entry != ran_entry:
