@@ -225,8 +225,13 @@ def test_enqueue_entry_makes_the_config_entry_a_trial_once(tmp_path: Path) -> No
     first, second = (trial.user_attrs for trial in study.trials)
     # The package's Pendulum-v1 entry, with the -params override; what it leaves out, TRPO's defaults.
     entry = {
-        **{"n_steps": 64, "gamma": 0.9, "n_critic_updates": 15, "learning_rate": 0.002},
-        **{"target_kl": 0.01, "gae_lambda": 0.95, "batch_size": 128},
+        "n_steps": 64,
+        "gamma": 0.9,
+        "n_critic_updates": 15,
+        "learning_rate": 0.002,
+        "target_kl": 0.01,
+        "gae_lambda": 0.95,
+        "batch_size": 128,
     }
     assert {name: first[name] for name in entry} == pytest.approx(entry)
     assert first["policy_kwargs"] == (
