@@ -24,6 +24,7 @@ Sampler = Callable[["optuna.Trial", int, int, dict], dict[str, Any]]
 # Actor and critic get the same hidden layers (``net_arch=dict(pi=..., vf=...)``).
 NET_ARCHS: dict[str, list[int]] = {"tiny": [64], "small": [64, 64], "medium": [256, 256]}
 ACTIVATION_FNS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU}
+LSTM_HIDDEN_SIZES = (16, 32, 64, 128, 256)
 
 # Sampled parameters stored as exponents or complements, and the hyperparameter each gives.
 _POWERS_OF_TWO = {"n_steps_pow": "n_steps", "batch_size_pow": "batch_size"}
@@ -55,6 +56,29 @@ def sample_trpo_params(trial: optuna.Trial, n_actions: int, n_envs: int, additio
     _suggest_natural_gradient(trial, n_actions)
     trial.suggest_float("line_search_shrinking_factor", 0.5, 0.9)
     trial.suggest_int("line_search_max_iter", 5, 20)
+    return store_config_entry(trial)
+
+
+def sample_trpo_mask_params(trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
+    """
+    Sample MaskableTRPO hyperparameters: those of :func:`sample_trpo_params` (same
+    arguments; masking adds none).
+
+    :return: keyword arguments for :class:`sb3_trpo.MaskableTRPO`
+    """
+    return sample_trpo_params(trial, n_actions, n_envs, additional_args)
+
+
+def sample_trpo_lstm_params(trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
+    """
+    Sample RecurrentTRPO hyperparameters: those of :func:`sample_trpo_params` (same
+    arguments) plus the LSTM size and whether the critic has its own LSTM.
+
+    :return: keyword arguments for :class:`sb3_trpo.RecurrentTRPO`
+    """
+    sample_trpo_params(trial, n_actions, n_envs, additional_args)
+    trial.suggest_categorical("lstm_hidden_size", list(LSTM_HIDDEN_SIZES))
+    trial.suggest_categorical("enable_critic_lstm", [True, False])
     return store_config_entry(trial)
 
 

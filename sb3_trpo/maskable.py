@@ -8,7 +8,7 @@ line search), so that masked actions carry no probability mass in any of them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch as th
@@ -26,13 +26,9 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_trpo.distributions import distribution_parameters
-from sb3_trpo.hyperparams import sample_trpo_params
 from sb3_trpo.npg import PolicyBatch, split_actor_critic
 from sb3_trpo.trpo import TRPO
 from sb3_trpo.validation import check_hyperparameter
-
-if TYPE_CHECKING:
-    import optuna
 
 SelfMaskableTRPO = TypeVar("SelfMaskableTRPO", bound="MaskableTRPO")
 
@@ -265,12 +261,3 @@ class MaskableTRPO(TRPO):
     def _mean_kl(self, p: Distribution, q: Distribution, batch: PolicyBatch) -> th.Tensor:
         return masked_categorical_kl(p, q).mean()
 
-
-def sample_trpo_mask_params(trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
-    """
-    Sample MaskableTRPO hyperparameters: those of :func:`sb3_trpo.hyperparams.sample_trpo_params`
-    (same arguments; masking adds none).
-
-    :return: keyword arguments for :class:`sb3_trpo.MaskableTRPO`
-    """
-    return sample_trpo_params(trial, n_actions, n_envs, additional_args)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import Any, ClassVar, cast
 
 import torch as th
 from gymnasium import spaces
@@ -28,15 +28,9 @@ from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
 from sb3_trpo.critic import regress
-from sb3_trpo.hyperparams import sample_trpo_params, store_config_entry
 from sb3_trpo.npg import PolicyBatch, split_actor_critic
 from sb3_trpo.trpo import TRPO
 from sb3_trpo.validation import check_hyperparameter
-
-if TYPE_CHECKING:
-    import optuna
-
-LSTM_HIDDEN_SIZES = (16, 32, 64, 128, 256)
 
 
 @dataclass
@@ -317,15 +311,3 @@ class RecurrentTRPO(TRPO):
         )
         return self._critic_loss(regress(self.policy.optimizer, self.critic_parameters, minibatches), update)
 
-
-def sample_trpo_lstm_params(trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
-    """
-    Sample RecurrentTRPO hyperparameters: those of :func:`sb3_trpo.hyperparams.sample_trpo_params`
-    (same arguments) plus the LSTM size and whether the critic has its own LSTM.
-
-    :return: keyword arguments for :class:`sb3_trpo.RecurrentTRPO`
-    """
-    sample_trpo_params(trial, n_actions, n_envs, additional_args)
-    trial.suggest_categorical("lstm_hidden_size", list(LSTM_HIDDEN_SIZES))
-    trial.suggest_categorical("enable_critic_lstm", [True, False])
-    return store_config_entry(trial)

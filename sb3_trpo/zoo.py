@@ -45,10 +45,10 @@ from sb3_trpo.hyperparams import (
     config_entry,
     entry_params,
     sample_npg_params,
+    sample_trpo_lstm_params,
+    sample_trpo_mask_params,
     sample_trpo_params,
 )
-from sb3_trpo.maskable import sample_trpo_mask_params
-from sb3_trpo.recurrent import sample_trpo_lstm_params
 
 CONFIG_DIR = Path(__file__).parent / "zoo_configs"
 PROG = "python -m sb3_trpo.zoo"

@@ -22,9 +22,9 @@ from sb3_trpo.hyperparams import (
     convert_params,
     entry_params,
     sample_npg_params,
+    sample_trpo_lstm_params,
     sample_trpo_params,
 )
-from sb3_trpo.recurrent import sample_trpo_lstm_params
 from sb3_trpo.zoo import CONFIG_DIR
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
