@@ -1,9 +1,10 @@
 """Trust Region Policy Optimization for Stable-Baselines3."""
 
-from sb3_trpo.maskable import MaskableTRPO
-from sb3_trpo.npg import NPG, NonFiniteError
-from sb3_trpo.recurrent import RecurrentTRPO
+from sb3_trpo.common.validation import NonFiniteError
+from sb3_trpo.npg import NPG
 from sb3_trpo.trpo import TRPO
+from sb3_trpo.trpo_mask import MaskableTRPO
+from sb3_trpo.trpo_recurrent import RecurrentTRPO
 
 __version__ = "0.1.0"
 

@@ -13,8 +13,8 @@ from stable_baselines3.common.distributions import kl_divergence
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import FlattenExtractor
 
-from sb3_trpo.npg import split_actor_critic
-from sb3_trpo.trust_region import unflatten
+from sb3_trpo.common.policies import split_actor_critic
+from sb3_trpo.common.trust_region import unflatten
 
 T = TypeVar("T")
 

@@ -27,9 +27,9 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
 from torch import nn
 
-import sb3_trpo.npg
+import sb3_trpo.common.trust_region_algorithm as trust_region_algorithm
 from sb3_trpo import NPG, TRPO, NonFiniteError
-from sb3_trpo.trust_region import ConjugateGradientResult, flatten
+from sb3_trpo.common.trust_region import ConjugateGradientResult, flatten
 
 SMALL = dict(n_steps=64, batch_size=32, n_critic_updates=2, seed=0, policy_kwargs=dict(net_arch=[16]))
 
@@ -161,7 +161,7 @@ def test_non_finite_search_direction_skips_the_update(monkeypatch: pytest.Monkey
         solution = th.full_like(args[1], float("nan"))
         return ConjugateGradientResult(solution, float("nan"), 1)
 
-    monkeypatch.setattr(sb3_trpo.npg, "conjugate_gradient", broken)
+    monkeypatch.setattr(trust_region_algorithm, "conjugate_gradient", broken)
     actor_before = actor_vector(model)
     model.learn(64)
     assert th.equal(actor_before, actor_vector(model))
@@ -171,13 +171,13 @@ def test_non_finite_search_direction_skips_the_update(monkeypatch: pytest.Monkey
 
 
 def test_failed_line_search_restores_the_exact_parameters(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = sb3_trpo.npg.conjugate_gradient
+    real = trust_region_algorithm.conjugate_gradient
 
     def uphill(*args, **kwargs):
         result = real(*args, **kwargs)
         return ConjugateGradientResult(-result.solution, result.residual_norm, result.n_iterations)
 
-    monkeypatch.setattr(sb3_trpo.npg, "conjugate_gradient", uphill)
+    monkeypatch.setattr(trust_region_algorithm, "conjugate_gradient", uphill)
     model = TRPO("MlpPolicy", "Pendulum-v1", **SMALL)
     records = capture_logs(model)
     actor_before = actor_vector(model)
@@ -249,18 +249,18 @@ def test_npg_full_step_quadratic_model_equals_target_kl() -> None:
     model.set_logger(Logger(folder=None, output_formats=[]))
     model.learn(64)  # fill the buffer and take one step
     captured = {}
-    real_max_step = sb3_trpo.npg.max_step_size
+    real_max_step = trust_region_algorithm.max_step_size
 
     def spy(direction, fisher_direction, target_kl):
         beta = real_max_step(direction, fisher_direction, target_kl)
         captured["quadratic_kl"] = 0.5 * beta**2 * float(direction.dot(fisher_direction))
         return beta
 
-    sb3_trpo.npg.max_step_size = spy
+    trust_region_algorithm.max_step_size = spy
     try:
         model.learn(64, reset_num_timesteps=False)
     finally:
-        sb3_trpo.npg.max_step_size = real_max_step
+        trust_region_algorithm.max_step_size = real_max_step
     assert captured["quadratic_kl"] == pytest.approx(model.target_kl, rel=1e-9)
 
 
@@ -392,7 +392,8 @@ def test_background_critic_fit_gives_the_sequential_weights_and_optimizer_state(
         return model
 
     sequential, background = run(False), run(True)
-    assert background._background_critic is not None and background._background_critic._process.is_alive()
+    worker = background._critic_fit.worker
+    assert worker is not None and worker._process.is_alive()
     for a, b in zip(sequential.policy.parameters(), background.policy.parameters(), strict=True):
         assert th.equal(a, b)
     states = sequential.policy.optimizer.state_dict()["state"], background.policy.optimizer.state_dict()["state"]

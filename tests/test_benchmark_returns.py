@@ -54,7 +54,8 @@ def test_campaign_writes_run_files_and_resumes_without_retraining(tmp_path: Path
         impl = name.split("__")[1]
         assert record["complete"] is True
         assert record["impl"] == impl
-        assert record["algorithm"] == {"sb3_trpo": "sb3_trpo.trpo.TRPO", "sb3_contrib": "sb3_contrib.trpo.trpo.TRPO"}[impl]
+        expected_class = {"sb3_trpo": "sb3_trpo.trpo.trpo.TRPO", "sb3_contrib": "sb3_contrib.trpo.trpo.TRPO"}[impl]
+        assert record["algorithm"] == expected_class
         assert (record["env_id"], record["seed"]) == ("CartPole-v1", int(name[-6]))
         assert record["config"]["entry"] == "CartPole-v1"
         assert record["config"]["hyperparams"]["learning_rate"] == "lin_1e-3"

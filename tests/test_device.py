@@ -20,7 +20,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
 
 from sb3_trpo import NPG, TRPO, MaskableTRPO, RecurrentTRPO
-from sb3_trpo.trust_region import flatten
+from sb3_trpo.common.trust_region import flatten
 from tests.test_algorithm import all_finite
 from tests.test_parity import actor_steps
 from tests.test_recurrent import CueRecall

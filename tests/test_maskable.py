@@ -20,7 +20,8 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.envs import IdentityEnv
 
 from sb3_trpo import MaskableTRPO
-from sb3_trpo.maskable import MaskablePolicyBatch, masked_categorical_kl
+from sb3_trpo.common.distributions import masked_categorical_kl
+from sb3_trpo.trpo_mask.trpo_mask import MaskablePolicyBatch
 from tests.helpers import DoubleFlatten, dense_actor_hessian, in_float64
 
 ENVS = {
@@ -74,7 +75,9 @@ def masked_batch(model: MaskableTRPO, n: int = 6, seed: int = 1) -> MaskablePoli
         actions = distribution.sample()
         old_log_prob = distribution.log_prob(actions)
     advantages = th.randn(n, generator=generator, dtype=th.float64)
-    return MaskablePolicyBatch(observations, actions, old_log_prob, advantages, masks)
+    return MaskablePolicyBatch(
+        observations=observations, actions=actions, old_log_prob=old_log_prob, advantages=advantages, action_masks=masks
+    )
 
 
 def reference_kl(model: MaskableTRPO, batch: MaskablePolicyBatch, masked: bool = True):

@@ -11,7 +11,7 @@ import torch as th
 from stable_baselines3.common.logger import configure
 
 from sb3_trpo import TRPO
-from sb3_trpo.trust_region import flatten
+from sb3_trpo.common.trust_region import flatten
 
 SETTINGS = dict(n_steps=256, batch_size=64, n_critic_updates=3, cg_max_steps=15, target_kl=0.01, seed=3)
 

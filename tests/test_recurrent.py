@@ -17,8 +17,8 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.logger import configure
 
 from sb3_trpo import TRPO, RecurrentTRPO
-from sb3_trpo.recurrent import RecurrentPolicyBatch
-from sb3_trpo.trust_region import flatten
+from sb3_trpo.common.trust_region import flatten
+from sb3_trpo.trpo_recurrent.trpo_recurrent import RecurrentPolicyBatch
 from tests.helpers import DoubleFlatten, dense_actor_hessian, in_float64
 
 
@@ -99,7 +99,15 @@ def sequence_batch(model: RecurrentTRPO, seed: int = 1) -> RecurrentPolicyBatch:
         actions = distribution.sample()
         old_log_prob = distribution.log_prob(actions)
     advantages = th.randn(n_seq * max_length, generator=generator, dtype=th.float64)
-    return RecurrentPolicyBatch(observations, actions, old_log_prob, advantages, states, episode_starts, mask)  # type: ignore[arg-type]
+    return RecurrentPolicyBatch(
+        observations=observations,
+        actions=actions,
+        old_log_prob=old_log_prob,
+        advantages=advantages,
+        mask=mask,
+        lstm_states=states,  # type: ignore[arg-type]
+        episode_starts=episode_starts,
+    )
 
 
 def reference_mean_kl(model: RecurrentTRPO, batch: RecurrentPolicyBatch, zero_states: bool = False):

@@ -15,7 +15,7 @@ from stable_baselines3.common.vec_env import VecNormalize
 from torch import nn
 
 from sb3_trpo import TRPO
-from sb3_trpo.rollout import _numpy_gaussian_mlp, action_sampler
+from sb3_trpo.common.rollout import _numpy_gaussian_mlp, action_sampler
 
 SEED = 3
 

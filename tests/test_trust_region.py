@@ -9,9 +9,9 @@ import pytest
 import torch as th
 from stable_baselines3.common.distributions import kl_divergence
 
-from sb3_trpo.distributions import distribution_fisher_vector_product
-from sb3_trpo.npg import split_actor_critic
-from sb3_trpo.trust_region import (
+from sb3_trpo.common.distributions import distribution_fisher_vector_product
+from sb3_trpo.common.policies import split_actor_critic
+from sb3_trpo.common.trust_region import (
     backtracking_line_search,
     conjugate_gradient,
     damped,

@@ -94,7 +94,7 @@ def measure(impl: str, env_id: str, steps: int, seed: int, background_critic: bo
     env.close()
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if options:
-        peak_kb += _private_kb(model._background_critic.pid)
+        peak_kb += _private_kb(model._critic_fit.worker.pid)
         model._stop_background_critic()
     return dict(
         steps_per_s=model.num_timesteps / total,

@@ -25,6 +25,8 @@ from stable_baselines3.common.type_aliases import PyTorchObs
 from torch import nn
 from torch.nn import functional as F
 
+from sb3_trpo.common.validation import NonFiniteError
+
 
 def index_observations(observations: PyTorchObs, index: th.Tensor | slice) -> PyTorchObs:
     """Select rows of a tensor or of every tensor of a dict observation."""
@@ -219,3 +221,58 @@ class BackgroundCriticFit:
 
     def __getstate__(self) -> dict[str, Any]:
         raise TypeError("a background critic fit cannot be pickled")
+
+
+def checked_critic_loss(loss: float | None, update: int) -> float:
+    """The loss of a critic fit; :class:`NonFiniteError` when the fit made a weight non-finite (see :func:`regress`)."""
+    if loss is None:
+        raise NonFiniteError(f"non-finite critic weights after the critic fit of update {update}; they were restored")
+    return loss
+
+
+class CriticFit:
+    """The critic fit of every update, in this process or in a background worker: the worker's one owner.
+
+    A background fit runs while the next rollout is collected; its loss (or its error) is
+    collected by :meth:`wait`, which the algorithm calls before anything reads the critic:
+    the end of the rollout, saving, loading, the end of ``learn``.
+
+    :param policy: the policy whose critic is fitted (with its optimizer)
+    :param critic_parameters: the parameters the fit moves
+    :param background: fit in a forked worker process (:class:`BackgroundCriticFit`), started at the first fit
+    """
+
+    def __init__(self, policy: BasePolicy, critic_parameters: list[nn.Parameter], background: bool):
+        self.policy = policy
+        self.critic_parameters = critic_parameters
+        self.background = background
+        self._worker: BackgroundCriticFit | None = None
+        self._pending_update = 0
+
+    @property
+    def worker(self) -> BackgroundCriticFit | None:
+        """The background worker, once started."""
+        return self._worker
+
+    def run(self, job: CriticFitJob, update: int) -> float | None:
+        """Fit the critic on ``job``; the mean loss, or None when the fit runs in the background."""
+        optimizer = self.policy.optimizer
+        if not self.background:
+            return checked_critic_loss(fit_critic(self.policy, optimizer, self.critic_parameters, job), update)
+        if self._worker is None:
+            self._worker = BackgroundCriticFit(self.policy, optimizer, self.critic_parameters)
+        self._worker.submit(job)
+        self._pending_update = update
+        return None
+
+    def wait(self) -> float | None:
+        """Wait for a fit running in the background; its mean loss, or None when none is running."""
+        if self._worker is None or not self._worker.pending:
+            return None
+        return checked_critic_loss(self._worker.result(), self._pending_update)
+
+    def close(self) -> None:
+        """Stop the worker (a running fit is abandoned: call :meth:`wait` first to keep it); the next fit starts a new one."""
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None

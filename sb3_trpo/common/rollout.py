@@ -16,13 +16,18 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import DiagGaussianDistribution
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.preprocessing import is_image_space
 from stable_baselines3.common.torch_layers import FlattenExtractor, MlpExtractor
 from stable_baselines3.common.type_aliases import PyTorchObs
 from stable_baselines3.common.utils import obs_as_tensor
+from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
+
+from sb3_trpo.common.validation import check_finite, observation_arrays
 
 ActionSampler = Callable[[np.ndarray | dict[str, np.ndarray]], np.ndarray]
 
@@ -199,3 +204,66 @@ def fill_values_and_log_probs(
         terminal_values = policy.predict_values(terminal).cpu().numpy().flatten()
         for (position, env_index), value in zip(bootstraps.positions, terminal_values, strict=True):
             buffer.rewards[position, env_index] += gamma * value
+
+
+def collect_rollout(
+    model: OnPolicyAlgorithm,
+    env: VecEnv,
+    callback: BaseCallback,
+    rollout_buffer: RolloutBuffer,
+    n_rollout_steps: int,
+    wait_for_critic: Callable[[], None],
+) -> bool:
+    """``model.collect_rollouts`` as SB3 runs it, with one batched critic pass at the end.
+
+    Per step only actions are sampled (the same draws as SB3's ``policy.forward``, see
+    :func:`action_sampler`); values, log-probabilities and the bootstrap values of
+    time-limit truncations are computed for the whole rollout afterwards by
+    :func:`fill_values_and_log_probs`, once ``wait_for_critic`` has returned. Callbacks see
+    SB3's locals except the per-step ``obs_tensor``, ``values`` and ``log_probs``.
+
+    :return: False when a callback stopped training, as SB3's ``collect_rollouts``
+    """
+    assert model._last_obs is not None, "No previous observation was provided"
+    policy = model.policy
+    policy.set_training_mode(False)
+    n_steps = 0
+    rollout_buffer.reset()
+    if model.use_sde:
+        policy.reset_noise(env.num_envs)
+    callback.on_rollout_start()
+    bootstraps = TruncationBootstraps()
+    sample_actions = action_sampler(policy, model.action_space.shape)  # type: ignore[arg-type]
+    while n_steps < n_rollout_steps:
+        if model.use_sde and model.sde_sample_freq > 0 and n_steps % model.sde_sample_freq == 0:
+            policy.reset_noise(env.num_envs)
+        actions = sample_actions(model._last_obs)  # type: ignore[arg-type]
+        clipped_actions = actions
+        if isinstance(model.action_space, spaces.Box):
+            if policy.squash_output:
+                clipped_actions = policy.unscale_action(clipped_actions)
+            else:
+                clipped_actions = np.clip(actions, model.action_space.low, model.action_space.high)
+        new_obs, rewards, dones, infos = env.step(clipped_actions)
+        check_finite("observations", observation_arrays(new_obs), model._n_updates + 1)  # type: ignore[arg-type]
+        model.num_timesteps += env.num_envs
+        callback.update_locals({**locals(), "self": model})
+        if not callback.on_step():
+            return False
+        model._update_info_buffer(infos, dones)
+        n_steps += 1
+        for idx, done in enumerate(dones):
+            terminal_obs = infos[idx].get("terminal_observation")
+            if done and terminal_obs is not None and infos[idx].get("TimeLimit.truncated", False):
+                bootstraps.record(rollout_buffer.pos, idx, terminal_obs)
+        add_transition(rollout_buffer, model._last_obs, actions, rewards, model._last_episode_starts)  # type: ignore[arg-type]
+        model._last_obs = new_obs  # type: ignore[assignment]
+        model._last_episode_starts = dones
+    wait_for_critic()
+    fill_values_and_log_probs(policy, rollout_buffer, bootstraps, model.gamma)  # type: ignore[arg-type]
+    with th.no_grad():
+        values = policy.predict_values(obs_as_tensor(new_obs, model.device))  # type: ignore[arg-type]
+    rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
+    callback.update_locals({**locals(), "self": model})
+    callback.on_rollout_end()
+    return True

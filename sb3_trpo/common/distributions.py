@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch as th
+from sb3_contrib.common.maskable.distributions import MaskableDistribution
 from stable_baselines3.common.distributions import (
     BernoulliDistribution,
     CategoricalDistribution,
@@ -10,10 +11,11 @@ from stable_baselines3.common.distributions import (
     Distribution,
     MultiCategoricalDistribution,
     StateDependentNoiseDistribution,
+    kl_divergence,
 )
 from torch import nn
 
-from sb3_trpo.trust_region import (
+from sb3_trpo.common.trust_region import (
     DistributionFisherProduct,
     MatrixVectorProduct,
     analytic_fisher_vector_product,
@@ -85,12 +87,38 @@ def kl_terms_per_sample(distribution: Distribution) -> int:
     return 1
 
 
+def masked_categorical_kl(old: Distribution, new: Distribution) -> th.Tensor:
+    """Per-sample ``KL(old || new)`` of masked (multi-)categoricals, summed over the sub-spaces.
+
+    Masked actions have probability exactly zero under ``old`` and add nothing; SB3's
+    ``kl_divergence`` does not know sb3-contrib's maskable multi-categoricals.
+    """
+    old_logits, new_logits = distribution_parameters(old), distribution_parameters(new)
+    if not isinstance(old, MaskableDistribution) or old_logits is None or new_logits is None:
+        raise TypeError(f"expected sb3-contrib maskable distributions, got {type(old).__name__}")
+    total = th.zeros((), dtype=old_logits[0].dtype, device=old_logits[0].device)
+    for old_part, new_part in zip(old_logits, new_logits, strict=True):
+        old_log_probs = th.log_softmax(old_part, dim=-1)
+        new_log_probs = th.log_softmax(new_part, dim=-1)
+        probs = old_log_probs.exp()
+        terms = th.where(probs > 0, probs * (old_log_probs - new_log_probs), th.zeros_like(probs))
+        total = total + terms.sum(dim=-1)
+    return total
+
+
+def kl_terms(p: Distribution, q: Distribution) -> th.Tensor:
+    """``KL(p || q)`` per sample (and per action dimension where SB3's ``kl_divergence`` keeps them).
+
+    sb3-contrib's maskable distributions go through :func:`masked_categorical_kl`, every
+    other distribution through SB3's ``kl_divergence``.
+    """
+    if isinstance(p, MaskableDistribution):
+        return masked_categorical_kl(p, q)
+    return kl_divergence(p, q)
+
+
 def _masked_categorical_logits(distribution: Distribution) -> tuple[th.Tensor, ...] | None:
     """Logits of sb3-contrib's maskable distributions (masked entries carry no mass)."""
-    try:
-        from sb3_contrib.common.maskable.distributions import MaskableDistribution
-    except ImportError:  # pragma: no cover - sb3-contrib is a dependency
-        return None
     if not isinstance(distribution, MaskableDistribution):
         return None
     # MaskableMultiCategoricalDistribution (and its Bernoulli subclass) keeps a list under another name.

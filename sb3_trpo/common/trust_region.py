@@ -190,7 +190,7 @@ def bernoulli_fisher_product(parameters: Sequence[th.Tensor], tangents: Sequence
     return [probs * (1.0 - probs) * d_logits]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LineSearchResult:
     """Outcome of the backtracking line search.
 
@@ -228,7 +228,29 @@ def backtracking_line_search(
     for n_backtracks in range(max_iter):
         objective, kl = evaluate(fraction)
         if math.isfinite(objective) and math.isfinite(kl) and kl < target_kl and objective > objective_before:
-            return LineSearchResult(True, fraction, n_backtracks, objective, kl)
+            return LineSearchResult(
+                success=True, step_fraction=fraction, n_backtracks=n_backtracks, objective=objective, kl=kl
+            )
         fraction *= shrinking_factor
     restore()
-    return LineSearchResult(False, 0.0, max_iter, objective_before, 0.0)
+    return no_step(objective_before, n_backtracks=max_iter)
+
+
+def full_step(
+    evaluate: Callable[[float], tuple[float, float]], restore: Callable[[], None], objective_before: float
+) -> LineSearchResult:
+    """Take the maximal step (fraction 1) whatever it does to the KL and the surrogate, as NPG does.
+
+    Only a step whose objective or KL is not finite is refused: ``restore()`` then puts
+    back the exact original parameters.
+    """
+    objective, kl = evaluate(1.0)
+    if not (math.isfinite(objective) and math.isfinite(kl)):
+        restore()
+        return no_step(objective_before)
+    return LineSearchResult(success=True, step_fraction=1.0, n_backtracks=0, objective=objective, kl=kl)
+
+
+def no_step(objective_before: float, n_backtracks: int = 0) -> LineSearchResult:
+    """The outcome when the parameters stay where they were."""
+    return LineSearchResult(success=False, step_fraction=0.0, n_backtracks=n_backtracks, objective=objective_before, kl=0.0)

@@ -10,47 +10,38 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import torch as th
-from gymnasium import spaces
 from sb3_contrib.common.recurrent.buffers import RecurrentDictRolloutBuffer, RecurrentRolloutBuffer
 from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from sb3_contrib.common.recurrent.type_aliases import RNNStates
 from sb3_contrib.ppo_recurrent import RecurrentPPO
-from sb3_contrib.ppo_recurrent.policies import CnnLstmPolicy, MlpLstmPolicy, MultiInputLstmPolicy
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.distributions import Distribution, kl_divergence
+from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, PyTorchObs, Schedule
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
-from sb3_trpo.critic import regress
-from sb3_trpo.npg import PolicyBatch, split_actor_critic
-from sb3_trpo.trpo import TRPO
-from sb3_trpo.validation import check_hyperparameter
+from sb3_trpo.common.critic import checked_critic_loss, regress
+from sb3_trpo.common.policies import split_actor_critic
+from sb3_trpo.common.trust_region_algorithm import PolicyBatch
+from sb3_trpo.trpo.trpo import TRPO
+from sb3_trpo.trpo_recurrent.policies import CnnLstmPolicy, MlpLstmPolicy, MultiInputLstmPolicy
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RecurrentPolicyBatch(PolicyBatch):
-    """A policy batch of padded sequences (rows ``n_sequences * max_length``, sequence-major).
+    """A policy batch of padded sequences (rows ``n_sequences * max_length``, sequence-major; ``mask`` False on padding).
 
     :param lstm_states: actor LSTM ``(hidden, cell)`` at the start of each sequence, as collected
     :param episode_starts: where the LSTM state is reset inside a sequence
-    :param mask: False on padding
     """
 
     lstm_states: tuple[th.Tensor, th.Tensor]
     episode_starts: th.Tensor
-    mask: th.Tensor
-
-
-def _every_kth_sequence(tensor: th.Tensor, n_sequences: int, k: int) -> th.Tensor:
-    """Keep every ``k``-th padded sequence of a sequence-major flat tensor."""
-    sequences = tensor.reshape(n_sequences, -1, *tensor.shape[1:])
-    return sequences[::k].reshape(-1, *tensor.shape[1:])
 
 
 def _differentiable_twice(device: th.device) -> contextlib.AbstractContextManager:
@@ -65,7 +56,7 @@ def _differentiable_twice(device: th.device) -> contextlib.AbstractContextManage
 
 class _FromZeroStates:
     """The recurrent policy seen from zero LSTM states, with the feed-forward interface
-    that :func:`sb3_trpo.npg.split_actor_critic` probes."""
+    that :func:`sb3_trpo.common.policies.split_actor_critic` probes."""
 
     def __init__(self, policy: RecurrentActorCriticPolicy):
         self.policy = policy
@@ -98,23 +89,55 @@ class RecurrentTRPO(TRPO):
     Rollouts are collected as sb3-contrib's ``RecurrentPPO`` collects them, storing the
     actor's and critic's LSTM states in a ``RecurrentRolloutBuffer``. The trust-region step
     takes the whole rollout as padded sequences that start from the stored states, and
-    averages surrogate, KL and entropy over the real steps only. The critic is fitted on
-    minibatches of ``batch_size`` steps cut into sequences the same way (its own LSTM with
-    ``enable_critic_lstm=True``, the default; the actor's LSTM, not moved by the critic fit,
-    with ``shared_lstm=True``; a linear layer when both are False).
+    averages surrogate, KL and entropy over the real steps only (the batch's mask). The
+    critic is fitted on minibatches of ``batch_size`` steps cut into sequences the same way
+    (its own LSTM with ``enable_critic_lstm=True``, the default; the actor's LSTM, not moved
+    by the critic fit, with ``shared_lstm=True``; a linear layer when both are False).
 
-    Every parameter of :class:`sb3_trpo.TRPO`, with these differences:
-
-    :param policy: a ``RecurrentActorCriticPolicy``: ``"MlpLstmPolicy"``, ``"CnnLstmPolicy"``,
-        ``"MultiInputLstmPolicy"``; LSTM options (``lstm_hidden_size``, ``n_lstm_layers``,
+    :param policy: The policy model to use: a ``RecurrentActorCriticPolicy`` (``"MlpLstmPolicy"``,
+        ``"CnnLstmPolicy"``, ``"MultiInputLstmPolicy"``); LSTM options (``lstm_hidden_size``, ``n_lstm_layers``,
         ``shared_lstm``, ``enable_critic_lstm``, ``lstm_kwargs``) go in ``policy_kwargs``
-    :param n_steps: steps per environment per update (default 128, as RecurrentPPO)
+    :param env: The environment to learn from (if registered in Gym, can be str)
+    :param learning_rate: The learning rate for the value function, it can be a function
+        of the current progress remaining (from 1 to 0)
+    :param n_steps: The number of steps to run for each environment per update (default 128, as RecurrentPPO)
+        (i.e. rollout buffer size is n_steps * n_envs where n_envs is number of environment copies running in parallel)
+    :param batch_size: Minibatch size for the value function, in steps, cut into sequences as RecurrentPPO cuts them
+    :param gamma: Discount factor, in (0, 1]
+    :param cg_max_steps: maximum number of steps in the Conjugate Gradient algorithm
+        for computing the Hessian vector product
+    :param cg_damping: damping in the Hessian vector product computation
+    :param line_search_shrinking_factor: step-size reduction factor for the line-search
+        (i.e., ``theta_new = theta + alpha^i * step``), in (0, 1)
+    :param line_search_max_iter: maximum number of iteration for the backtracking line-search
+    :param n_critic_updates: number of critic updates (epochs over the rollout) per policy update
+    :param gae_lambda: Factor for trade-off of bias vs variance for Generalized Advantage Estimator, in [0, 1]
+    :param use_sde: Whether to use generalized State Dependent Exploration (gSDE)
+        instead of action noise exploration (default: False)
+    :param sde_sample_freq: Sample a new noise matrix every n steps when using gSDE
+        Default: -1 (only sample at the beginning of the rollout)
+    :param rollout_buffer_class: ``None`` (a ``RecurrentRolloutBuffer`` or ``RecurrentDictRolloutBuffer``),
+        or a subclass of one of them: the LSTM states must be stored
+    :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation
+    :param normalize_advantage: Whether to normalize or not the advantage
+    :param target_kl: Target Kullback-Leibler divergence between updates (the trust-region radius delta).
+        Should be small for stability. Values like 0.01, 0.05.
     :param sub_sampling_factor: keep every k-th sequence of the rollout for the actor step
         (sequences are never cut)
-    :param rollout_buffer_class: ``None`` (a ``RecurrentRolloutBuffer`` or ``RecurrentDictRolloutBuffer``)
-        or a subclass of one of them
+    :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
+        the reported success rate, mean episode length, and mean reward over
+    :param tensorboard_log: the log location for tensorboard (if None, no logging)
+    :param policy_kwargs: additional arguments to be passed to the policy on creation
+    :param verbose: the verbosity level: 0 no output, 1 info, 2 debug
+    :param seed: Seed for the pseudo random generators
+    :param device: Device (cpu, cuda, ...) on which the code should be run.
+        Setting it to auto, the code will be run on the GPU if possible.
     :param fisher_vector_product: ``"analytic"`` or ``"double_backprop"``, as for :class:`sb3_trpo.TRPO`;
         both leave out the padding of sequences
+    :param cg_residual_tol: conjugate gradient stops once the squared residual norm is below this
+    :param background_critic_fit: must be False: rollouts are collected with ``RecurrentPPO``'s loop,
+        which evaluates the critic at every step, so the critic fit cannot overlap the rollout
+    :param _init_setup_model: Whether or not to build the network at the creation of the instance
     """
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
@@ -122,6 +145,9 @@ class RecurrentTRPO(TRPO):
         "CnnLstmPolicy": CnnLstmPolicy,
         "MultiInputLstmPolicy": MultiInputLstmPolicy,
     }
+    policy_base = RecurrentActorCriticPolicy
+    rollout_buffer_classes = (RecurrentRolloutBuffer, RecurrentDictRolloutBuffer)
+    background_critic_fit_refused = "RecurrentPPO's rollout loop evaluates the critic at every step"
     policy: RecurrentActorCriticPolicy
     rollout_buffer: RecurrentRolloutBuffer  # type: ignore[assignment]
 
@@ -154,15 +180,9 @@ class RecurrentTRPO(TRPO):
         device: th.device | str = "auto",
         fisher_vector_product: str = "analytic",
         cg_residual_tol: float = 1e-10,
+        background_critic_fit: bool = False,
         _init_setup_model: bool = True,
     ):
-        if rollout_buffer_class is not None:
-            check_hyperparameter(
-                "rollout_buffer_class",
-                rollout_buffer_class,
-                issubclass(rollout_buffer_class, RecurrentRolloutBuffer | RecurrentDictRolloutBuffer),
-                "a RecurrentRolloutBuffer or RecurrentDictRolloutBuffer subclass (the LSTM states must be stored)",
-            )
         self._last_lstm_states: RNNStates | None = None
         super().__init__(
             policy,  # type: ignore[arg-type]
@@ -192,40 +212,25 @@ class RecurrentTRPO(TRPO):
             device=device,
             fisher_vector_product=fisher_vector_product,
             cg_residual_tol=cg_residual_tol,
+            background_critic_fit=background_critic_fit,
             _init_setup_model=_init_setup_model,
         )
 
     def _setup_model(self) -> None:
-        self._setup_lr_schedule()
-        self.set_random_seed(self.seed)
-        self.policy = self.policy_class(  # type: ignore[assignment]
-            self.observation_space, self.action_space, self.lr_schedule, use_sde=self.use_sde, **self.policy_kwargs
-        )
-        self.policy = self.policy.to(self.device)
-        if not isinstance(self.policy, RecurrentActorCriticPolicy):
-            raise ValueError(f"RecurrentTRPO needs a RecurrentActorCriticPolicy, got {type(self.policy).__name__}")
+        super()._setup_model()
         lstm = self.policy.lstm_actor
         state_shape = (lstm.num_layers, self.n_envs, lstm.hidden_size)
         self._last_lstm_states = RNNStates(
             (th.zeros(state_shape, device=self.device), th.zeros(state_shape, device=self.device)),
             (th.zeros(state_shape, device=self.device), th.zeros(state_shape, device=self.device)),
         )
-        if self.rollout_buffer_class is None:
-            dict_observations = isinstance(self.observation_space, spaces.Dict)
-            self.rollout_buffer_class = RecurrentDictRolloutBuffer if dict_observations else RecurrentRolloutBuffer
-        buffer_class = cast(type[RecurrentRolloutBuffer], self.rollout_buffer_class)
-        self.rollout_buffer = buffer_class(
-            self.n_steps,
-            self.observation_space,
-            self.action_space,
-            (self.n_steps, lstm.num_layers, self.n_envs, lstm.hidden_size),
-            self.device,
-            gamma=self.gamma,
-            gae_lambda=self.gae_lambda,
-            n_envs=self.n_envs,
-            **self.rollout_buffer_kwargs,
-        )
-        self.actor_parameters, self.critic_parameters = split_actor_critic(_FromZeroStates(self.policy))  # type: ignore[arg-type]
+
+    def _rollout_buffer_arguments(self) -> dict[str, Any]:
+        lstm = self.policy.lstm_actor
+        return {"hidden_state_shape": (self.n_steps, lstm.num_layers, self.n_envs, lstm.hidden_size)}
+
+    def _split_actor_critic(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        return split_actor_critic(_FromZeroStates(self.policy))  # type: ignore[arg-type]
 
     def collect_rollouts(
         self,
@@ -242,33 +247,16 @@ class RecurrentTRPO(TRPO):
 
     # ------------------------------------------------------------------ actor step on sequences
     def _policy_batch(self) -> RecurrentPolicyBatch:
-        # One sample of the whole rollout: every sequence, padded, from its stored LSTM state.
+        """The whole rollout (every ``sub_sampling_factor``-th sequence) as padded sequences from their stored LSTM states."""
         (data,) = list(self.rollout_buffer.get(batch_size=None))
         n_sequences, k = data.lstm_states.pi[0].shape[1], self.sub_sampling_factor
-
-        def rows(tensor: th.Tensor) -> th.Tensor:
-            return _every_kth_sequence(tensor, n_sequences, k)
-
-        observations = data.observations
-        observations = (
-            {key: rows(value) for key, value in observations.items()} if isinstance(observations, dict) else rows(observations)
-        )
-        actions = rows(data.actions)
-        if isinstance(self.action_space, spaces.Discrete):
-            actions = actions.long().flatten()
-        mask = rows(data.mask) > 0.5
-        advantages = rows(data.advantages)
-        if self.normalize_advantage:
-            advantages = (advantages - advantages[mask].mean()) / (advantages[mask].std() + 1e-8)
+        # Rows are sequence-major: row i * max_length + t is step t of sequence i.
+        rows = th.arange(len(data.mask), device=data.mask.device).reshape(n_sequences, -1)[::k].reshape(-1)
         hidden, cell = data.lstm_states.pi
         return RecurrentPolicyBatch(
-            observations,
-            actions,
-            rows(data.old_log_prob),
-            advantages,
-            (hidden[:, ::k].contiguous(), cell[:, ::k].contiguous()),
-            rows(data.episode_starts),
-            mask,
+            **self._batch_fields(data, rows, mask=data.mask[rows] > 0.5),
+            lstm_states=(hidden[:, ::k].contiguous(), cell[:, ::k].contiguous()),
+            episode_starts=data.episode_starts[rows],
         )
 
     def _distribution(self, batch: PolicyBatch) -> Distribution:
@@ -276,23 +264,6 @@ class RecurrentTRPO(TRPO):
         with _differentiable_twice(self.device):
             distribution, _ = self.policy.get_distribution(batch.observations, batch.lstm_states, batch.episode_starts)  # type: ignore[arg-type]
         return distribution
-
-    def _surrogate(self, distribution: Distribution, batch: PolicyBatch) -> th.Tensor:
-        assert isinstance(batch, RecurrentPolicyBatch)
-        ratio = th.exp(distribution.log_prob(batch.actions) - batch.old_log_prob)
-        return (batch.advantages * ratio)[batch.mask].mean()
-
-    def _mean_kl(self, p: Distribution, q: Distribution, batch: PolicyBatch) -> th.Tensor:
-        assert isinstance(batch, RecurrentPolicyBatch)
-        return kl_divergence(p, q)[batch.mask].mean()
-
-    def _kl_rows(self, batch: PolicyBatch) -> th.Tensor:
-        assert isinstance(batch, RecurrentPolicyBatch)
-        return batch.mask
-
-    def _mean_entropy(self, entropy: th.Tensor, batch: PolicyBatch) -> float:
-        assert isinstance(batch, RecurrentPolicyBatch)
-        return entropy[batch.mask].mean().item()
 
     # ------------------------------------------------------------------ critic on sequences
     def _fit_critic(self, update: int) -> float:
@@ -309,5 +280,5 @@ class RecurrentTRPO(TRPO):
         minibatches = (
             sequence_loss(data) for _ in range(self.n_critic_updates) for data in self.rollout_buffer.get(self.batch_size)
         )
-        return self._critic_loss(regress(self.policy.optimizer, self.critic_parameters, minibatches), update)
+        return checked_critic_loss(regress(self.policy.optimizer, self.critic_parameters, minibatches), update)
 

@@ -1,0 +1,55 @@
+"""Construction-time checks of hyperparameters, and the error raised for non-finite data."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+
+class NonFiniteError(ValueError):
+    """Raised when NaN or infinite values would reach the weights; the weights are left as they were."""
+
+
+# Each hyperparameter's rule: the test a value must pass, and the allowed range as the error states it.
+HYPERPARAMETER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "target_kl": (lambda value: value > 0, "> 0"),
+    "cg_max_steps": (lambda value: value >= 1, ">= 1"),
+    "cg_damping": (lambda value: value >= 0, ">= 0"),
+    "cg_residual_tol": (lambda value: value >= 0, ">= 0"),
+    "sub_sampling_factor": (lambda value: value >= 1, ">= 1"),
+    "n_critic_updates": (lambda value: value >= 0, ">= 0"),
+    "batch_size": (lambda value: value >= 1, ">= 1"),
+    "gamma": (lambda value: 0 < value <= 1, "in (0, 1]"),
+    "gae_lambda": (lambda value: 0 <= value <= 1, "in [0, 1]"),
+    "n_steps": (lambda value: value >= 1, ">= 1"),
+    "learning_rate": (lambda value: callable(value) or value > 0, "> 0 (or a schedule)"),
+    "line_search_shrinking_factor": (lambda value: 0 < value < 1, "in (0, 1)"),
+    "line_search_max_iter": (lambda value: value >= 1, ">= 1"),
+}
+
+
+def check_hyperparameter(name: str, value: Any, valid: bool, allowed: str) -> None:
+    """Raise a ``ValueError`` naming ``name`` and its allowed range unless ``valid``."""
+    if not valid:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def check_hyperparameters(values: Mapping[str, Any]) -> None:
+    """Check each value against its rule in :data:`HYPERPARAMETER_RULES` (see :func:`check_hyperparameter`)."""
+    for name, value in values.items():
+        rule, allowed = HYPERPARAMETER_RULES[name]
+        check_hyperparameter(name, value, rule(value), allowed)
+
+
+def check_finite(what: str, arrays: list[np.ndarray], update: int) -> None:
+    """Raise :class:`NonFiniteError` if a floating-point array holds NaN or infinity."""
+    for array in arrays:
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise NonFiniteError(f"non-finite {what} in the rollout of update {update}; the weights were not changed")
+
+
+def observation_arrays(observations: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The arrays of a flat or a dict observation."""
+    return list(observations.values()) if isinstance(observations, dict) else [observations]
