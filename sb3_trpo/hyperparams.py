@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from stable_baselines3.common.utils import LinearSchedule
 from torch import nn
 
 if TYPE_CHECKING:
@@ -29,6 +30,8 @@ LSTM_HIDDEN_SIZES = (16, 32, 64, 128, 256)
 # Sampled parameters stored as exponents or complements, and the hyperparameter each gives.
 _POWERS_OF_TWO = {"n_steps_pow": "n_steps", "batch_size_pow": "batch_size"}
 _COMPLEMENTS = {"one_minus_gamma": "gamma", "one_minus_gae_lambda": "gae_lambda"}
+# A linear target_kl schedule ends at this fraction of its start: a trust region of radius 0 takes no step.
+TARGET_KL_END_FRACTION = 0.1
 _POLICY_PARAMS = ("net_arch", "activation_fn", "log_std_init", "ortho_init", "lstm_hidden_size", "enable_critic_lstm")
 
 
@@ -82,9 +85,40 @@ def sample_trpo_lstm_params(trial: optuna.Trial, n_actions: int, n_envs: int, ad
     return store_config_entry(trial)
 
 
+class TargetKLSchedule(LinearSchedule):
+    """SB3's linear schedule, equal to another with the same values (a trial's parameters give back an equal one)."""
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and vars(other) == vars(self)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def target_kl_schedule(spec: str) -> TargetKLSchedule:
+    """
+    The ``target_kl`` schedule a config writes as ``lin_<start>``, rl-zoo3's spelling of a linear schedule.
+
+    For ``target_kl`` it shrinks linearly from ``start`` at the beginning of training to
+    ``start * TARGET_KL_END_FRACTION`` at the end (rl-zoo3's learning rates go to 0, but a trust
+    region of radius 0 would take no step).
+
+    :param spec: ``"lin_<start>"``, e.g. ``"lin_0.02"``
+    :raises ValueError: for any other string
+    """
+    kind, _, start = spec.partition("_")
+    try:
+        value = float(start)
+    except ValueError:
+        value = math.nan
+    if kind != "lin" or not value > 0:
+        raise ValueError(f"target_kl must be a number or 'lin_<start>' with start > 0 (a linear schedule), got {spec!r}")
+    return TargetKLSchedule(start=value, end=value * TARGET_KL_END_FRACTION, end_fraction=1.0)
+
+
 def _suggest_natural_gradient(trial: optuna.Trial, n_actions: int) -> None:
-    # The trust region delta and the conjugate-gradient solve of F s = g.
+    # The trust region delta, constant or shrinking linearly over training, and the conjugate-gradient solve of F s = g.
     trial.suggest_float("target_kl", 1e-3, 0.1, log=True)
+    trial.suggest_categorical("target_kl_schedule", ["constant", "linear"])
     trial.suggest_int("cg_max_steps", 5, 30)
     trial.suggest_float("cg_damping", 1e-3, 0.5, log=True)
     # Rollout of 32 to 2048 steps per environment; gamma in [0.9, 0.9999], lambda in [0.8, 0.999].
@@ -116,8 +150,10 @@ def _scalar_hyperparams(params: Mapping[str, Any]) -> dict[str, Any]:
             hyperparams[_POWERS_OF_TWO[name]] = 2**value
         elif name in _COMPLEMENTS:
             hyperparams[_COMPLEMENTS[name]] = 1 - value
-        elif name not in _POLICY_PARAMS:
+        elif name not in (*_POLICY_PARAMS, "target_kl_schedule"):
             hyperparams[name] = value
+    if params.get("target_kl_schedule") == "linear":
+        hyperparams["target_kl"] = f"lin_{params['target_kl']}"
     return hyperparams
 
 
@@ -142,7 +178,10 @@ def convert_params(params: Mapping[str, Any]) -> dict[str, Any]:
     :param params: parameters as :func:`sample_trpo_params` or :func:`sample_npg_params` sampled them
     :return: keyword arguments for :class:`sb3_trpo.TRPO` (or :class:`sb3_trpo.NPG`)
     """
-    return {**_scalar_hyperparams(params), "policy_kwargs": _policy_kwargs(params)}
+    hyperparams = _scalar_hyperparams(params)
+    if isinstance(hyperparams.get("target_kl"), str):
+        hyperparams["target_kl"] = target_kl_schedule(hyperparams["target_kl"])
+    return {**hyperparams, "policy_kwargs": _policy_kwargs(params)}
 
 
 def config_entry(params: Mapping[str, Any], **fixed: Any) -> dict[str, Any]:
@@ -218,6 +257,8 @@ def entry_params(
             value = next((key for key, module in ACTIVATION_FNS.items() if module is policy_kwargs[name]), None)
         elif name in _POLICY_PARAMS:
             value = policy_kwargs[name]
+        elif name in ("target_kl", "target_kl_schedule"):
+            value = _target_kl_param(name, hyperparams.get("target_kl", defaults["target_kl"]))
         else:
             value = _entry_value(name, hyperparams, defaults)
         if not _holds(distribution, value):
@@ -259,6 +300,19 @@ def _entry_value(name: str, hyperparams: Mapping[str, Any], defaults: Mapping[st
             raise ValueError(f"{name} of the config entry is a schedule ({start} to {end}); a study samples constants")
         value = start
     return value
+
+
+def _target_kl_param(name: str, target_kl: Any) -> Any:
+    """The sampled ``target_kl`` (its start) or ``target_kl_schedule`` that stand for the entry's ``target_kl``."""
+    start, end = (target_kl(1.0), target_kl(0.0)) if callable(target_kl) else (target_kl, target_kl)
+    if end != start and not math.isclose(end, start * TARGET_KL_END_FRACTION):
+        raise ValueError(
+            f"target_kl of the config entry is a schedule ({start} to {end}); a study samples constants "
+            f"and linear schedules to {TARGET_KL_END_FRACTION} of their start ('lin_<start>')"
+        )
+    if name == "target_kl":
+        return start
+    return "constant" if end == start else "linear"
 
 
 def _net_arch_name(net_arch: Any) -> str | None:

@@ -48,6 +48,7 @@ from sb3_trpo.hyperparams import (
     sample_trpo_lstm_params,
     sample_trpo_mask_params,
     sample_trpo_params,
+    target_kl_schedule,
 )
 
 CONFIG_DIR = Path(__file__).parent / "zoo_configs"
@@ -161,6 +162,14 @@ class CheckedExperimentManager(ExperimentManager):
 
     enqueue_entry = False
     _entry_params: dict[str, Any]
+
+    @staticmethod
+    def _preprocess_schedules(hyperparams: dict[str, Any]) -> dict[str, Any]:
+        # rl-zoo3 turns "lin_<value>" into schedules for its own keys only; target_kl's has a floor (target_kl_schedule).
+        hyperparams = ExperimentManager._preprocess_schedules(hyperparams)
+        if isinstance(hyperparams.get("target_kl"), str):
+            hyperparams["target_kl"] = target_kl_schedule(hyperparams["target_kl"])
+        return hyperparams
 
     def _preprocess_hyperparams(self, hyperparams: dict[str, Any]) -> tuple[Any, ...]:
         # rl-zoo3 calls this first in setup_experiment: before it makes folders, environments or models.

@@ -75,7 +75,9 @@ def test_every_sampled_trpo_configuration_completes_an_update(env_id: str) -> No
     # The draws spread over the space: both ends of the ranges and every choice occur.
     assert min(h["n_steps"] for h in sampled) <= 64 and max(h["n_steps"] for h in sampled) >= 1024
     assert min(h["gamma"] for h in sampled) < 0.99 < max(h["gamma"] for h in sampled) <= 0.9999
-    assert min(h["target_kl"] for h in sampled) < 0.01 < max(h["target_kl"] for h in sampled) <= 0.1
+    starts = [h["target_kl"](1.0) if callable(h["target_kl"]) else h["target_kl"] for h in sampled]
+    assert min(starts) < 0.01 < max(starts) <= 0.1
+    assert {callable(h["target_kl"]) for h in sampled} == {True, False}
     assert {h["policy_kwargs"]["activation_fn"] for h in sampled} == set(ACTIVATION_FNS.values())
     assert {len(h["policy_kwargs"]["net_arch"]["pi"]) for h in sampled} == {1, 2}
     assert {h["policy_kwargs"]["ortho_init"] for h in sampled} == {True, False}

@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any, Protocol
+
 import torch as th
-from stable_baselines3.common.policies import BasePolicy
+from gymnasium import spaces
+from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.type_aliases import PyTorchObs
 from torch import nn
 
 from sb3_trpo.common.distributions import distribution_parameters
 
 
-def split_actor_critic(policy: BasePolicy) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+class ActorCritic(Protocol):
+    """What the actor/critic split probes of a policy (SB3's ``ActorCriticPolicy`` has it)."""
+
+    observation_space: spaces.Space
+
+    def parameters(self) -> Iterator[nn.Parameter]: ...
+
+    def obs_to_tensor(self, observation: Any) -> tuple[PyTorchObs, bool]: ...
+
+    def get_distribution(self, obs: PyTorchObs) -> Distribution: ...
+
+    def predict_values(self, obs: PyTorchObs) -> th.Tensor: ...
+
+
+def split_actor_critic(policy: ActorCritic) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """Split the policy's parameters by what they reach, not by their names.
 
     Actor parameters are those the action distribution depends on; critic parameters
@@ -20,12 +39,12 @@ def split_actor_critic(policy: BasePolicy) -> tuple[list[nn.Parameter], list[nn.
     params = list(policy.parameters())
     observation, _ = policy.obs_to_tensor(policy.observation_space.sample())
     with th.enable_grad():
-        distribution = policy.get_distribution(observation)  # type: ignore[operator]
+        distribution = policy.get_distribution(observation)
         outputs = distribution_parameters(distribution)
         if outputs is None:
             outputs = (distribution.log_prob(distribution.sample().detach()),)
         reaches_actor = th.autograd.grad(th.stack([o.sum() for o in outputs]).sum(), params, allow_unused=True)
-        values = policy.predict_values(observation)  # type: ignore[operator]
+        values = policy.predict_values(observation)
         reaches_critic = th.autograd.grad(values.sum(), params, allow_unused=True)
     actor = [p for p, g in zip(params, reaches_actor, strict=True) if g is not None]
     critic = [p for p, a, c in zip(params, reaches_actor, reaches_critic, strict=True) if a is None and c is not None]

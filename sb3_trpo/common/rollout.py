@@ -121,7 +121,7 @@ def _numpy_gaussian_mlp(policy: BasePolicy) -> tuple[list[NumpyLayer], np.ndarra
             return None
         layers.append(layer)
     with th.no_grad():
-        std = policy.log_std.exp().float().cpu().numpy()  # type: ignore[operator]
+        std = policy.log_std.exp().float().cpu().numpy()
     return layers, std
 
 
@@ -172,7 +172,7 @@ def _flat_observations(buffer: RolloutBuffer, device: th.device) -> PyTorchObs:
 def _stack(observations: list[np.ndarray | dict[str, np.ndarray]]) -> np.ndarray | dict[str, np.ndarray]:
     first = observations[0]
     if isinstance(first, dict):
-        return {key: np.stack([obs[key] for obs in observations]) for key in first}  # type: ignore[index]
+        return {key: np.stack([obs[key] for obs in observations]) for key in first}
     return np.stack(observations)  # type: ignore[arg-type]
 
 
@@ -200,7 +200,7 @@ def fill_values_and_log_probs(
     buffer.values[:] = values.cpu().numpy().reshape(n_steps, n_envs)
     buffer.log_probs[:] = log_probs.cpu().numpy().reshape(n_steps, n_envs)
     if bootstraps.positions:
-        terminal = obs_as_tensor(_stack(bootstraps.observations), policy.device)  # type: ignore[arg-type]
+        terminal = obs_as_tensor(_stack(bootstraps.observations), policy.device)
         terminal_values = policy.predict_values(terminal).cpu().numpy().flatten()
         for (position, env_index), value in zip(bootstraps.positions, terminal_values, strict=True):
             buffer.rewards[position, env_index] += gamma * value
@@ -260,7 +260,7 @@ def collect_rollout(
         model._last_obs = new_obs  # type: ignore[assignment]
         model._last_episode_starts = dones
     wait_for_critic()
-    fill_values_and_log_probs(policy, rollout_buffer, bootstraps, model.gamma)  # type: ignore[arg-type]
+    fill_values_and_log_probs(policy, rollout_buffer, bootstraps, model.gamma)
     with th.no_grad():
         values = policy.predict_values(obs_as_tensor(new_obs, model.device))  # type: ignore[arg-type]
     rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)

@@ -79,6 +79,12 @@ class PolicyBatch:
         return values.mean() if self.mask is None else values[self.mask].mean()
 
 
+def state_kl(terms: th.Tensor, mask: th.Tensor | None) -> th.Tensor:
+    """The KL of each sample's state: the mean of its KL terms (action dimensions), as the mean KL weighs them."""
+    per_state = terms.reshape(len(terms), -1).mean(dim=1)
+    return per_state if mask is None else per_state[mask]
+
+
 def normalized_advantages(advantages: th.Tensor, mask: th.Tensor | None) -> th.Tensor:
     """Advantages shifted and scaled to mean 0 and standard deviation 1 over the samples ``mask`` selects."""
     samples = advantages if mask is None else advantages[mask]
@@ -97,6 +103,7 @@ class PolicyStepStats:
     max_step: float
     step_norm: float
     entropy: float | None
+    max_kl: float
     skipped: bool = False
 
 
@@ -137,7 +144,8 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
     :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation
     :param normalize_advantage: Whether to normalize or not the advantage
     :param target_kl: Target Kullback-Leibler divergence between updates (the trust-region radius delta).
-        Should be small for stability. Values like 0.01, 0.05.
+        Should be small for stability. Values like 0.01, 0.05. It can be a function of the current
+        progress remaining (from 1 to 0), as ``learning_rate``, that is > 0 at progress 1 and 0
     :param sub_sampling_factor: Sub-sample the batch to make computation faster
         see p40-42 of John Schulman thesis http://joschu.net/docs/thesis.pdf
     :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
@@ -194,7 +202,7 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         rollout_buffer_class: type[RolloutBuffer] | None = None,
         rollout_buffer_kwargs: dict[str, Any] | None = None,
         normalize_advantage: bool = True,
-        target_kl: float = 0.01,
+        target_kl: float | Schedule = 0.01,
         sub_sampling_factor: int = 1,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
@@ -318,7 +326,7 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
             self.rollout_buffer_class = dictionary if isinstance(self.observation_space, spaces.Dict) else flat
         self.rollout_buffer = self.rollout_buffer_class(
             self.n_steps,
-            self.observation_space,  # type: ignore[arg-type]
+            self.observation_space,
             self.action_space,
             device=self.device,
             gamma=self.gamma,
@@ -369,7 +377,7 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
 
     def _check_rollout_finite(self, update: int) -> None:
         buffer = self.rollout_buffer
-        check_finite("observations", observation_arrays(buffer.observations), update)  # type: ignore[arg-type]
+        check_finite("observations", observation_arrays(buffer.observations), update)
         for what in ("rewards", "values", "advantages", "returns"):
             check_finite(what, [getattr(buffer, what)], update)
 
@@ -394,7 +402,7 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
 
     def _distribution(self, batch: PolicyBatch) -> Distribution:
         """The current policy's action distribution on the batch."""
-        return self.policy.get_distribution(batch.observations)  # type: ignore[operator]
+        return self.policy.get_distribution(batch.observations)
 
     def _surrogate(self, distribution: Distribution, batch: PolicyBatch) -> th.Tensor:
         """Importance-sampled surrogate ``E[ratio * A]``."""
@@ -404,6 +412,12 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
     def _mean_kl(self, p: Distribution, q: Distribution, batch: PolicyBatch) -> th.Tensor:
         """Mean ``KL(p || q)`` over the batch's samples, averaged over terms as SB3's ``kl_divergence`` gives them."""
         return batch.mean(kl_terms(p, q))
+
+    def current_target_kl(self) -> float:
+        """The trust-region radius of the next update: ``target_kl``, or its schedule at the current progress."""
+        if callable(self.target_kl):
+            return float(self.target_kl(self._current_progress_remaining))
+        return float(self.target_kl)
 
     def _policy_step(self, batch: PolicyBatch, update: int) -> PolicyStepStats:
         """Natural-gradient direction by CG, scaled to the trust region, applied by :meth:`_take_step`."""
@@ -420,7 +434,7 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         cg = conjugate_gradient(fisher, gradient, max_iter=self.cg_max_steps, residual_tol=self.cg_residual_tol)
         search_direction = cg.solution
         objective_before = objective.item()
-        max_step = max_step_size(search_direction, fisher(search_direction), self.target_kl)
+        max_step = max_step_size(search_direction, fisher(search_direction), self.current_target_kl())
         full_step = max_step * search_direction
         entropy_value = None if entropy is None else batch.mean(entropy).item()
         if max_step == 0.0 or not th.isfinite(full_step).all():
@@ -433,9 +447,10 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
                 max_step=0.0,
                 step_norm=0.0,
                 entropy=entropy_value,
+                max_kl=0.0,
                 skipped=True,
             )
-        evaluate, restore = self._step_evaluation(batch, full_step, old_distribution)
+        evaluate, restore, max_kl = self._step_evaluation(batch, full_step, old_distribution)
         result = self._take_step(evaluate, restore, objective_before)
         return PolicyStepStats(
             objective_before=objective_before,
@@ -446,15 +461,18 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
             max_step=max_step,
             step_norm=result.step_fraction * float(full_step.norm()),
             entropy=entropy_value,
+            max_kl=max_kl() if result.success else 0.0,
         )
 
     def _step_evaluation(
         self, batch: PolicyBatch, full_step: th.Tensor, old_distribution: Distribution
-    ) -> tuple[StepEvaluation, Restore]:
+    ) -> tuple[StepEvaluation, Restore, Callable[[], float]]:
         """A function that moves the actor by a fraction of ``full_step`` from where it is now and
-        measures surrogate and KL there, and one that puts the actor back exactly."""
+        measures surrogate and mean KL there, one that puts the actor back exactly, and one that
+        gives the largest per-state KL of the last evaluation."""
         original = [param.detach().clone() for param in self.actor_parameters]
         steps = unflatten(full_step, original)
+        largest_state_kl = [0.0]
 
         def evaluate(fraction: float) -> tuple[float, float]:
             with th.no_grad():
@@ -463,7 +481,9 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
                 candidate = self._distribution(batch)
                 new_objective = self._surrogate(candidate, batch).item()
                 # KL(new || old), as sb3-contrib measures it (see the class docstring).
-                kl = self._mean_kl(candidate, old_distribution, batch).item()
+                terms = kl_terms(candidate, old_distribution)
+                kl = batch.mean(terms).item()
+                largest_state_kl[0] = state_kl(terms, batch.mask).max().item()
             return new_objective, kl
 
         def restore() -> None:
@@ -471,7 +491,7 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
                 for param, start in zip(self.actor_parameters, original, strict=True):
                     param.copy_(start)
 
-        return evaluate, restore
+        return evaluate, restore, lambda: largest_state_kl[0]
 
     def _take_step(self, evaluate: StepEvaluation, restore: Restore, objective_before: float) -> LineSearchResult:
         """Apply a fraction of the full step chosen with ``evaluate``, or ``restore`` the actor."""
@@ -545,6 +565,8 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         self.logger.record("train/is_line_search_success", float(search.success))
         self.logger.record("train/line_search_backtracks", search.n_backtracks)
         self.logger.record("train/accepted_kl", search.kl)
+        self.logger.record("train/max_kl", stats.max_kl)
+        self.logger.record("train/target_kl", self.current_target_kl())
         self.logger.record("train/cg_residual", stats.cg_residual)
         self.logger.record("train/cg_iterations", stats.cg_iterations)
         self.logger.record("train/expected_improvement", stats.expected_improvement)
@@ -582,4 +604,3 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         finally:
             # The model a user gets back has its critic fitted.
             self._finish_critic_fit()
-

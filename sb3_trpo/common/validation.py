@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -12,9 +13,16 @@ class NonFiniteError(ValueError):
     """Raised when NaN or infinite values would reach the weights; the weights are left as they were."""
 
 
+def positive_or_positive_schedule(value: Any) -> bool:
+    """Whether ``value`` is > 0, or a schedule of the remaining progress that is > 0 at progress 1 and 0."""
+    if callable(value):
+        return all(math.isfinite(value(progress)) and value(progress) > 0 for progress in (1.0, 0.0))
+    return value > 0
+
+
 # Each hyperparameter's rule: the test a value must pass, and the allowed range as the error states it.
 HYPERPARAMETER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "target_kl": (lambda value: value > 0, "> 0"),
+    "target_kl": (positive_or_positive_schedule, "> 0 (or a schedule that is > 0 at progress 1 and 0)"),
     "cg_max_steps": (lambda value: value >= 1, ">= 1"),
     "cg_damping": (lambda value: value >= 0, ">= 0"),
     "cg_residual_tol": (lambda value: value >= 0, ">= 0"),

@@ -49,7 +49,8 @@ class NPG(TrustRegionAlgorithm):
     :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation
     :param normalize_advantage: Whether to normalize or not the advantage
     :param target_kl: Target Kullback-Leibler divergence between updates (the trust-region radius delta).
-        Should be small for stability. Values like 0.01, 0.05.
+        Should be small for stability. Values like 0.01, 0.05. It can be a function of the current
+        progress remaining (from 1 to 0), as ``learning_rate``, that is > 0 at progress 1 and 0
     :param sub_sampling_factor: Sub-sample the batch to make computation faster
         see p40-42 of John Schulman thesis http://joschu.net/docs/thesis.pdf
     :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average

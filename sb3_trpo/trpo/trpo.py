@@ -50,7 +50,8 @@ class TRPO(NPG):
     :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation
     :param normalize_advantage: Whether to normalize or not the advantage
     :param target_kl: Target Kullback-Leibler divergence between updates (the trust-region radius delta).
-        Should be small for stability. Values like 0.01, 0.05.
+        Should be small for stability. Values like 0.01, 0.05. It can be a function of the current
+        progress remaining (from 1 to 0), as ``learning_rate``, that is > 0 at progress 1 and 0
     :param sub_sampling_factor: Sub-sample the batch to make computation faster
         see p40-42 of John Schulman thesis http://joschu.net/docs/thesis.pdf
     :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
@@ -93,7 +94,7 @@ class TRPO(NPG):
         rollout_buffer_class: type[RolloutBuffer] | None = None,
         rollout_buffer_kwargs: dict[str, Any] | None = None,
         normalize_advantage: bool = True,
-        target_kl: float = 0.01,
+        target_kl: float | Schedule = 0.01,
         sub_sampling_factor: int = 1,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
@@ -146,7 +147,7 @@ class TRPO(NPG):
             evaluate,
             restore,
             objective_before,
-            self.target_kl,
+            self.current_target_kl(),
             shrinking_factor=self.line_search_shrinking_factor,
             max_iter=self.line_search_max_iter,
         )

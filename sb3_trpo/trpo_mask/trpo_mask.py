@@ -76,7 +76,8 @@ class MaskableTRPO(TRPO):
     :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation
     :param normalize_advantage: Whether to normalize or not the advantage
     :param target_kl: Target Kullback-Leibler divergence between updates (the trust-region radius delta).
-        Should be small for stability. Values like 0.01, 0.05.
+        Should be small for stability. Values like 0.01, 0.05. It can be a function of the current
+        progress remaining (from 1 to 0), as ``learning_rate``, that is > 0 at progress 1 and 0
     :param sub_sampling_factor: Sub-sample the batch to make computation faster
         see p40-42 of John Schulman thesis http://joschu.net/docs/thesis.pdf
     :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
@@ -111,10 +112,10 @@ class MaskableTRPO(TRPO):
     policy_options = ()
     background_critic_fit_refused = "MaskablePPO's rollout loop evaluates the critic at every step"
     policy: MaskableActorCriticPolicy  # type: ignore[assignment]
-    rollout_buffer: MaskableRolloutBuffer  # type: ignore[assignment]
+    rollout_buffer: MaskableRolloutBuffer
     _use_masking = True
 
-    def collect_rollouts(  # type: ignore[override]
+    def collect_rollouts(
         self,
         env: VecEnv,
         callback: BaseCallback,
@@ -130,7 +131,7 @@ class MaskableTRPO(TRPO):
         use_masking = self._use_masking if use_masking is None else use_masking
         return MaskablePPO.collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps, use_masking)  # type: ignore[arg-type]
 
-    def predict(  # type: ignore[override]
+    def predict(
         self,
         observation: np.ndarray | dict[str, np.ndarray],
         state: tuple[np.ndarray, ...] | None = None,

@@ -121,7 +121,8 @@ class RecurrentTRPO(TRPO):
     :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation
     :param normalize_advantage: Whether to normalize or not the advantage
     :param target_kl: Target Kullback-Leibler divergence between updates (the trust-region radius delta).
-        Should be small for stability. Values like 0.01, 0.05.
+        Should be small for stability. Values like 0.01, 0.05. It can be a function of the current
+        progress remaining (from 1 to 0), as ``learning_rate``, that is > 0 at progress 1 and 0
     :param sub_sampling_factor: keep every k-th sequence of the rollout for the actor step
         (sequences are never cut)
     :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
@@ -149,7 +150,7 @@ class RecurrentTRPO(TRPO):
     rollout_buffer_classes = (RecurrentRolloutBuffer, RecurrentDictRolloutBuffer)
     background_critic_fit_refused = "RecurrentPPO's rollout loop evaluates the critic at every step"
     policy: RecurrentActorCriticPolicy
-    rollout_buffer: RecurrentRolloutBuffer  # type: ignore[assignment]
+    rollout_buffer: RecurrentRolloutBuffer
 
     def __init__(
         self,
@@ -170,7 +171,7 @@ class RecurrentTRPO(TRPO):
         rollout_buffer_class: type[RolloutBuffer] | None = None,
         rollout_buffer_kwargs: dict[str, Any] | None = None,
         normalize_advantage: bool = True,
-        target_kl: float = 0.01,
+        target_kl: float | Schedule = 0.01,
         sub_sampling_factor: int = 1,
         stats_window_size: int = 100,
         tensorboard_log: str | None = None,
@@ -185,7 +186,7 @@ class RecurrentTRPO(TRPO):
     ):
         self._last_lstm_states: RNNStates | None = None
         super().__init__(
-            policy,  # type: ignore[arg-type]
+            policy,
             env,
             learning_rate=learning_rate,
             n_steps=n_steps,
@@ -230,7 +231,7 @@ class RecurrentTRPO(TRPO):
         return {"hidden_state_shape": (self.n_steps, lstm.num_layers, self.n_envs, lstm.hidden_size)}
 
     def _split_actor_critic(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-        return split_actor_critic(_FromZeroStates(self.policy))  # type: ignore[arg-type]
+        return split_actor_critic(_FromZeroStates(self.policy))
 
     def collect_rollouts(
         self,
@@ -272,7 +273,7 @@ class RecurrentTRPO(TRPO):
         def sequence_loss(data: Any) -> Callable[[], th.Tensor]:
             def loss() -> th.Tensor:
                 mask = data.mask > 0.5
-                values = self.policy.predict_values(data.observations, data.lstm_states.vf, data.episode_starts).flatten()  # type: ignore[arg-type]
+                values = self.policy.predict_values(data.observations, data.lstm_states.vf, data.episode_starts).flatten()
                 return ((data.returns - values) ** 2)[mask].mean()
 
             return loss
@@ -281,4 +282,3 @@ class RecurrentTRPO(TRPO):
             sequence_loss(data) for _ in range(self.n_critic_updates) for data in self.rollout_buffer.get(self.batch_size)
         )
         return checked_critic_loss(regress(self.policy.optimizer, self.critic_parameters, minibatches), update)
-
