@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch as th
+from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import PyTorchObs
 from torch import nn
@@ -63,6 +64,19 @@ class CriticFitJob:
     permutations: np.ndarray  # (epochs, samples)
     batch_size: int
     learning_rate: float
+
+    @classmethod
+    def from_rollout(cls, buffer: RolloutBuffer, epochs: int, batch_size: int, learning_rate: float) -> CriticFitJob:
+        """A fit on the buffer's returns, minibatches drawn as sb3-contrib's ``buffer.get(batch_size)``, epoch by epoch."""
+        n_samples = buffer.buffer_size * buffer.n_envs
+        permutations = np.array([np.random.permutation(n_samples) for _ in range(epochs)], dtype=np.int64)
+        return cls(
+            observations=buffer.observations,
+            returns=buffer.returns.flatten(),
+            permutations=permutations.reshape(-1, n_samples),
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+        )
 
 
 def _as_tensors(observations: np.ndarray | dict[str, np.ndarray], device: th.device) -> PyTorchObs:

@@ -13,12 +13,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
-import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
@@ -43,6 +43,7 @@ from sb3_trpo.common.trust_region import (
 )
 from sb3_trpo.common.validation import (
     NonFiniteError,
+    check_action_space,
     check_finite,
     check_hyperparameter,
     check_hyperparameters,
@@ -51,7 +52,6 @@ from sb3_trpo.common.validation import (
 
 SelfTrustRegionAlgorithm = TypeVar("SelfTrustRegionAlgorithm", bound="TrustRegionAlgorithm")
 
-FISHER_VECTOR_PRODUCTS = ("analytic", "double_backprop")
 # evaluate(step fraction) -> (surrogate, KL) with the actor moved by that fraction of the full step.
 StepEvaluation = Callable[[float], tuple[float, float]]
 Restore = Callable[[], None]
@@ -105,6 +105,25 @@ class PolicyStepStats:
     entropy: float | None
     max_kl: float
     skipped: bool = False
+
+    def record(self, logger: Logger) -> None:
+        """Record the step under sb3-contrib's keys and the package's diagnostics."""
+        search = self.line_search
+        logger.record("train/policy_objective", search.objective if search.success else self.objective_before)
+        logger.record("train/kl_divergence_loss", search.kl if search.success else 0.0)
+        logger.record("train/is_line_search_success", float(search.success))
+        logger.record("train/line_search_backtracks", search.n_backtracks)
+        logger.record("train/accepted_kl", search.kl)
+        logger.record("train/max_kl", self.max_kl)
+        logger.record("train/cg_residual", self.cg_residual)
+        logger.record("train/cg_iterations", self.cg_iterations)
+        logger.record("train/expected_improvement", self.expected_improvement)
+        logger.record("train/actual_improvement", search.objective - self.objective_before)
+        logger.record("train/max_step_size", self.max_step)
+        logger.record("train/step_norm", self.step_norm)
+        logger.record("train/skipped_update", float(self.skipped))
+        if self.entropy is not None:
+            logger.record("train/entropy", self.entropy)
 
 
 class TrustRegionAlgorithm(OnPolicyAlgorithm):
@@ -228,13 +247,8 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
                 gae_lambda=gae_lambda,
                 n_steps=n_steps,
                 learning_rate=learning_rate,
+                fisher_vector_product=fisher_vector_product,
             )
-        )
-        check_hyperparameter(
-            "fisher_vector_product",
-            fisher_vector_product,
-            fisher_vector_product in FISHER_VECTOR_PRODUCTS,
-            f"one of {FISHER_VECTOR_PRODUCTS}",
         )
         self._check_variant_options(use_sde, rollout_buffer_class, background_critic_fit)
         super().__init__(
@@ -261,12 +275,8 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
             # Checked below with a ValueError instead of SB3's assertion.
             supported_action_spaces=None,
         )
-        if getattr(self, "action_space", None) is not None and not isinstance(self.action_space, self.supported_action_spaces):
-            supported = ", ".join(space.__name__ for space in self.supported_action_spaces)
-            raise ValueError(
-                f"action space {type(self.action_space).__name__} is not supported by {type(self).__name__}; "
-                f"supported action spaces: {supported}"
-            )
+        if getattr(self, "action_space", None) is not None:
+            check_action_space(type(self).__name__, self.action_space, self.supported_action_spaces)
         if self.env is not None and normalize_advantage:
             buffer_size = self.env.num_envs * self.n_steps
             check_hyperparameter(
@@ -515,17 +525,8 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         :return: the mean value loss, or None when the fit runs in the background
         """
         assert self._critic_fit is not None, "the model is not set up"
-        buffer = self.rollout_buffer
-        n_samples = buffer.buffer_size * buffer.n_envs
-        # The same random minibatch order as sb3-contrib's buffer.get(batch_size), epoch by epoch.
-        permutations = np.array([np.random.permutation(n_samples) for _ in range(self.n_critic_updates)], dtype=np.int64)
-        job = CriticFitJob(
-            observations=buffer.observations,
-            returns=buffer.returns.flatten(),
-            permutations=permutations.reshape(-1, n_samples),
-            batch_size=self.batch_size,
-            learning_rate=self.policy.optimizer.param_groups[0]["lr"],
-        )
+        learning_rate = self.policy.optimizer.param_groups[0]["lr"]
+        job = CriticFitJob.from_rollout(self.rollout_buffer, self.n_critic_updates, self.batch_size, learning_rate)
         return self._critic_fit.run(job, update)
 
     def _finish_critic_fit(self) -> None:
@@ -558,26 +559,11 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
 
     # ------------------------------------------------------------------ logging
     def _log_update(self, stats: PolicyStepStats, value_loss: float | None) -> None:
-        search = stats.line_search
-        buffer = self.rollout_buffer
-        self.logger.record("train/policy_objective", search.objective if search.success else stats.objective_before)
-        self.logger.record("train/kl_divergence_loss", search.kl if search.success else 0.0)
-        self.logger.record("train/is_line_search_success", float(search.success))
-        self.logger.record("train/line_search_backtracks", search.n_backtracks)
-        self.logger.record("train/accepted_kl", search.kl)
-        self.logger.record("train/max_kl", stats.max_kl)
+        stats.record(self.logger)
         self.logger.record("train/target_kl", self.current_target_kl())
-        self.logger.record("train/cg_residual", stats.cg_residual)
-        self.logger.record("train/cg_iterations", stats.cg_iterations)
-        self.logger.record("train/expected_improvement", stats.expected_improvement)
-        self.logger.record("train/actual_improvement", search.objective - stats.objective_before)
-        self.logger.record("train/max_step_size", stats.max_step)
-        self.logger.record("train/step_norm", stats.step_norm)
-        self.logger.record("train/skipped_update", float(stats.skipped))
-        if stats.entropy is not None:
-            self.logger.record("train/entropy", stats.entropy)
         if value_loss is not None:
             self.logger.record("train/value_loss", value_loss)
+        buffer = self.rollout_buffer
         self.logger.record("train/explained_variance", explained_variance(buffer.values.flatten(), buffer.returns.flatten()))
         if hasattr(self.policy, "log_std"):
             self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())

@@ -7,10 +7,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from gymnasium import spaces
 
 
 class NonFiniteError(ValueError):
     """Raised when NaN or infinite values would reach the weights; the weights are left as they were."""
+
+
+FISHER_VECTOR_PRODUCTS = ("analytic", "double_backprop")
 
 
 def positive_or_positive_schedule(value: Any) -> bool:
@@ -35,6 +39,7 @@ HYPERPARAMETER_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "learning_rate": (lambda value: callable(value) or value > 0, "> 0 (or a schedule)"),
     "line_search_shrinking_factor": (lambda value: 0 < value < 1, "in (0, 1)"),
     "line_search_max_iter": (lambda value: value >= 1, ">= 1"),
+    "fisher_vector_product": (lambda value: value in FISHER_VECTOR_PRODUCTS, f"one of {FISHER_VECTOR_PRODUCTS}"),
 }
 
 
@@ -49,6 +54,15 @@ def check_hyperparameters(values: Mapping[str, Any]) -> None:
     for name, value in values.items():
         rule, allowed = HYPERPARAMETER_RULES[name]
         check_hyperparameter(name, value, rule(value), allowed)
+
+
+def check_action_space(algorithm: str, action_space: spaces.Space, supported: tuple[type[spaces.Space], ...]) -> None:
+    """Raise a ``ValueError`` naming the action space and the supported ones unless it is one of them."""
+    if not isinstance(action_space, supported):
+        names = ", ".join(space.__name__ for space in supported)
+        raise ValueError(
+            f"action space {type(action_space).__name__} is not supported by {algorithm}; supported action spaces: {names}"
+        )
 
 
 def check_finite(what: str, arrays: list[np.ndarray], update: int) -> None:
