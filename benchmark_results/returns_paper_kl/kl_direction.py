@@ -1,5 +1,11 @@
 """HalfCheetah-v5, rl-zoo3 settings, 300k steps: the line search's KL direction compared.
 
+RECORD of a one-off experiment, kept with its results; not maintained and not run by the
+tests. It overrides ``_mean_kl``, which the line search of sb3_trpo up to 0.1.0 (6ecbd99)
+called; since the package layout of issue 13 the line search measures the KL in
+``TrustRegionAlgorithm._step_evaluation``, so against the current package the "forward"
+variant would silently run the reverse direction. Check out 6ecbd99 to rerun it.
+
     python kl_direction.py {forward,reverse} SEED
 
 forward: the paper's KL(pi_old || pi_new); reverse: KL(pi_new || pi_old), as sb3-contrib
