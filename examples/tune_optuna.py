@@ -3,11 +3,15 @@
     python examples/tune_optuna.py --env Pendulum-v1 --n-trials 50 --n-timesteps 50000
     python examples/tune_optuna.py --env Pendulum-v1 --storage sqlite:///trpo.db --study-name pendulum
     # more workers: run the same command again, on this machine or another, with the same
-    # --storage (postgresql://user:password@host/db across machines) and --study-name
+    # --storage (postgresql://user:password@host/db across machines) and --study-name;
+    # they may start at the same instant on an empty database
 
 Each trial trains with hyperparameters from ``sample_trpo_params``, evaluates the policy
 ``--n-evaluations`` times during training and reports each mean return to Optuna, whose
-median pruner stops trials that fall behind. At the end the script prints the best
+median pruner stops trials that fall behind. A shared storage is opened with Optuna's
+heartbeat: the trial of a worker that died (killed, out of memory, node lost) is failed
+once it has had no heartbeat for ``--grace-period`` seconds, and run again by a worker
+that starts a trial after that. At the end the script prints the best
 parameters and writes, in ``--output-dir``: ``trpo.yml`` (the best trial as a zoo_configs
 entry), and the optimization history and parameter importances as HTML (plotly) and PNG
 (matplotlib).
@@ -29,7 +33,15 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_trpo import TRPO, NonFiniteError
-from sb3_trpo.hyperparams import check_env_id, check_storage, config_entry, sample_trpo_params
+from sb3_trpo.hyperparams import (
+    DEFAULT_GRACE_PERIOD,
+    DEFAULT_HEARTBEAT_INTERVAL,
+    check_env_id,
+    check_storage,
+    config_entry,
+    open_storage,
+    sample_trpo_params,
+)
 
 
 class TrialEvalCallback(EvalCallback):
@@ -120,9 +132,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-startup-trials", type=int, default=5, help="random trials before TPE, and before pruning")
     parser.add_argument("--storage", default=None, help="Optuna storage URL, e.g. sqlite:///trpo.db (default: in memory)")
     parser.add_argument("--study-name", default=None, help="study to create or join (needed to share one)")
+    parser.add_argument(
+        "--heartbeat-interval", type=int, default=DEFAULT_HEARTBEAT_INTERVAL, help="seconds between heartbeats of a trial"
+    )
+    parser.add_argument(
+        "--grace-period",
+        type=int,
+        default=DEFAULT_GRACE_PERIOD,
+        help="seconds without a heartbeat after which a trial's worker counts as dead: the trial is failed and run again",
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler")
     parser.add_argument("--output-dir", type=Path, default=Path("tune_results"), help="where the config and plots go")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 < args.heartbeat_interval < args.grace_period:
+        parser.error("--grace-period must exceed --heartbeat-interval, and both be positive")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,8 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         sys.exit(f"error: {error}")
 
+    storage = open_storage(args.storage, args.heartbeat_interval, args.grace_period) if args.storage else None
     study = optuna.create_study(
-        storage=args.storage,
+        storage=storage,
         study_name=args.study_name,
         load_if_exists=True,
         direction="maximize",

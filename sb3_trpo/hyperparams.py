@@ -3,6 +3,8 @@
 The samplers have rl-zoo3's signature ``(trial, n_actions, n_envs, additional_args) -> dict``
 and return constructor arguments. Every trial also carries, as user attributes, the
 rl-zoo3 config entry its parameters stand for, so the best trial of a study is a config.
+The storage helpers at the end open a study that several workers share and survive the
+death of one of them (:func:`open_storage`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stable_baselines3.common.utils import LinearSchedule
@@ -405,3 +410,137 @@ def check_storage(url: str | None) -> None:
         raise ValueError(f"cannot reach storage {shown!r}: {reason}") from error
     finally:
         engine.dispose()
+
+
+# ------------------------------------------------------- storages shared by many workers
+
+# Seconds between the heartbeats of a running trial, and without one before it counts as dead.
+DEFAULT_HEARTBEAT_INTERVAL = 60
+DEFAULT_GRACE_PERIOD = 180
+# A trial whose worker died is run again at most this many times: a trial that kills its
+# worker every time (out of memory, say) must not take the study with it.
+MAX_RETRY = 3
+# pg_advisory_lock's key (any 64-bit integer; these are the bytes of "sb3_trpo").
+_POSTGRESQL_LOCK_KEY = 0x7362335F7472706F
+_LOCK_TIMEOUT = 600
+
+
+@contextmanager
+def storage_lock(url: str) -> Iterator[None]:
+    """
+    Hold, across processes and machines, a lock on the storage ``url`` of an Optuna study.
+
+    Workers started together on an empty storage would otherwise race to create Optuna's
+    tables, or each enqueue the same trial. PostgreSQL: an advisory lock; MySQL and
+    MariaDB: ``GET_LOCK``; both are released by the server when a holder dies. SQLite
+    and rl-zoo3's journal files (``*.log``): a lock file beside the database file
+    (Optuna's, broken when it has not changed for 30 s). In-memory SQLite and other
+    databases: no lock.
+
+    :param url: SQLAlchemy URL of an Optuna RDB storage, or the path of a journal file
+    """
+    if url.endswith(".log"):
+        path: str | None = url
+    else:
+        import sqlalchemy
+
+        parsed = sqlalchemy.make_url(url)
+        backend = parsed.get_backend_name()
+        if backend in ("postgresql", "mysql", "mariadb"):
+            with _database_lock(parsed, backend):
+                yield
+            return
+        path = parsed.database if backend == "sqlite" and parsed.database not in (None, "", ":memory:") else None
+    if path is None:
+        yield
+        return
+    from optuna.storages.journal import JournalFileOpenLock
+
+    # Not the journal's own lock file (path + ".lock"): its writes happen inside this lock.
+    lock = JournalFileOpenLock(f"{path}.setup")
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextmanager
+def _database_lock(url: Any, backend: str) -> Iterator[None]:
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            if backend == "postgresql":
+                key: dict[str, Any] = {"key": _POSTGRESQL_LOCK_KEY}
+                connection.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), key)
+                unlock = "SELECT pg_advisory_unlock(:key)"
+            else:
+                key = {"key": f"sb3_trpo:{url.database}"}
+                acquire = sqlalchemy.text("SELECT GET_LOCK(:key, :timeout)")
+                if connection.execute(acquire, {**key, "timeout": _LOCK_TIMEOUT}).scalar() != 1:
+                    raise TimeoutError(f"storage lock {key['key']!r} not acquired in {_LOCK_TIMEOUT} s")
+                unlock = "SELECT RELEASE_LOCK(:key)"
+            try:
+                yield
+            finally:
+                connection.execute(sqlalchemy.text(unlock), key)
+                connection.commit()
+    finally:
+        engine.dispose()
+
+
+def open_storage(
+    url: str, heartbeat_interval: int = DEFAULT_HEARTBEAT_INTERVAL, grace_period: int = DEFAULT_GRACE_PERIOD
+) -> optuna.storages.BaseStorage:
+    """
+    Open the storage of a study that several workers share; safe when they start together.
+
+    An RDB storage (SQLite, PostgreSQL, MySQL) is opened with Optuna's heartbeat: a running
+    trial records a heartbeat every ``heartbeat_interval`` seconds; when a worker starts a
+    trial, the trials of the study without a heartbeat for ``grace_period`` seconds (their
+    worker died) become FAIL and are enqueued again with the same parameters, up to
+    :data:`MAX_RETRY` times. A path ending in ``.log`` is opened as rl-zoo3 does, an
+    Optuna journal file, which has no heartbeat.
+
+    :param url: SQLAlchemy URL of the RDB storage, or the path of a journal file
+    :param heartbeat_interval: seconds between heartbeats of a running trial
+    :param grace_period: seconds without a heartbeat after which a running trial is failed
+    :return: the storage, for ``optuna.create_study(storage=...)``
+    """
+    import optuna
+    from optuna.storages.journal import JournalFileBackend
+
+    with storage_lock(url):
+        if url.endswith(".log"):
+            Path(url).parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(url))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                url,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY),
+            )
+
+
+def enqueue_unless_measured(study: optuna.Study, params: dict[str, Any]) -> bool:
+    """
+    Enqueue a trial of ``params`` unless one is COMPLETE, PRUNED, RUNNING or WAITING.
+
+    A FAIL trial does not count: it measured nothing. Call it inside :func:`storage_lock`
+    when workers may enqueue the same parameters at the same time.
+
+    :return: whether the trial was enqueued
+    """
+    from optuna.trial import TrialState
+
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
+    # An enqueued trial keeps its parameters in "fixed_params" until it runs.
+    if any(trial.system_attrs.get("fixed_params", trial.params) == params for trial in study.get_trials(states=states)):
+        return False
+    study.enqueue_trial(params)
+    return True

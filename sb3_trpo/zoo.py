@@ -3,9 +3,16 @@
 ``python -m sb3_trpo.zoo train --algo trpo --env Pendulum-v1 [any rl-zoo3 train option]``
 ``python -m sb3_trpo.zoo enjoy --algo trpo --env Pendulum-v1 -f logs/ [any rl-zoo3 enjoy option]``
 
-``train -optimize`` takes one option of its own, ``--enqueue-entry``: the config entry of
+``train -optimize`` takes three options of its own: ``--enqueue-entry``, the config entry of
 ``--env`` becomes a trial of the study (``--storage`` and ``--study-name`` needed) before
-rl-zoo3's sampler proposes any.
+rl-zoo3's sampler proposes any; ``--heartbeat-interval`` and ``--grace-period``, the
+seconds of Optuna's heartbeat with which an RDB storage is opened (a trial without a
+heartbeat for the grace period has lost its worker: it is failed and run again).
+Workers started together on an empty storage are safe: the storage is opened and the
+entry enqueued under a lock (:func:`sb3_trpo.hyperparams.storage_lock`). SIGINT or SIGTERM
+stops a worker: its running trial becomes FAIL (the reason in its ``fail_reason`` system
+attribute) and is enqueued again, rl-zoo3 writes its report, and the exit status is
+128 + the signal number; it is 0 when no trial was stopped.
 
 Before rl-zoo3 parses the command line, ``trpo`` (and ``npg``, and the variants the
 package defines) are bound to this package's classes, samplers and converter, and
@@ -18,10 +25,14 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import functools
 import importlib
 import inspect
+import signal
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +40,6 @@ from typing import Any
 import gymnasium as gym
 import optuna
 import rl_zoo3.train
-from optuna.storages.journal import JournalFileBackend
 from rl_zoo3.enjoy import enjoy as rl_zoo3_enjoy
 from rl_zoo3.exp_manager import ExperimentManager
 from rl_zoo3.hyperparams_opt import HYPERPARAMS_CONVERTER, HYPERPARAMS_SAMPLER
@@ -39,22 +49,30 @@ from stable_baselines3.common.vec_env import VecEnv
 
 import sb3_trpo
 from sb3_trpo.hyperparams import (
+    DEFAULT_GRACE_PERIOD,
+    DEFAULT_HEARTBEAT_INTERVAL,
+    MAX_RETRY,
     Sampler,
     check_env_id,
     check_storage,
     config_entry,
+    enqueue_unless_measured,
     entry_params,
+    open_storage,
     sample_npg_params,
     sample_trpo_lstm_params,
     sample_trpo_mask_params,
     sample_trpo_params,
+    storage_lock,
     target_kl_schedule,
 )
 
 CONFIG_DIR = Path(__file__).parent / "zoo_configs"
 PROG = "python -m sb3_trpo.zoo"
-# This package's train option, taken off the command line before rl-zoo3 parses it.
+# This package's train options, taken off the command line before rl-zoo3 parses them.
 ENQUEUE_ENTRY = "--enqueue-entry"
+HEARTBEAT_INTERVAL = "--heartbeat-interval"
+GRACE_PERIOD = "--grace-period"
 # Constructor arguments that rl-zoo3 sets from its command line, never from a config.
 SET_BY_RL_ZOO3 = ("env", "tensorboard_log", "seed", "verbose", "device")
 
@@ -95,6 +113,18 @@ if MASKED_DEMO_ENV not in gym.registry:
 
 class ZooInputError(ValueError):
     """Bad input found before training: the run stops with this message."""
+
+
+class WorkerStopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached a tuning worker: raised in its running trial.
+
+    A ``KeyboardInterrupt``, so that Optuna fails the trial and rl-zoo3 ends the
+    optimization as on Ctrl-C, writing its report.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def register() -> list[str]:
@@ -153,15 +183,38 @@ def check_constructor_arguments(
 
 
 class CheckedExperimentManager(ExperimentManager):
-    """rl-zoo3's experiment manager, stopping on bad input before it trains or opens a study.
+    """rl-zoo3's experiment manager, stopping on bad input before it trains or opens a study,
+    and tuning in a way that survives the death or the stop of a worker.
 
-    With ``enqueue_entry`` (``--enqueue-entry`` on the command line), an optimization first
-    enqueues the config entry itself as a trial of the study, so that the study measures
-    what it starts from and its best trial is never worse than that on the study's budget.
+    :param args: rl-zoo3's positional arguments
+    :param enqueue_entry: an optimization first enqueues the config entry itself as a trial
+        of the study (unless a trial of it finished, runs or waits), so that the study
+        measures what it starts from and its best trial is never worse than that on the
+        study's budget
+    :param heartbeat_interval: seconds between the heartbeats of a running trial in an RDB storage
+    :param grace_period: seconds without a heartbeat after which a running trial counts as
+        dead: it is failed and enqueued again when a worker next starts a trial
+    :param kwargs: rl-zoo3's keyword arguments
     """
 
-    enqueue_entry = False
     _entry_params: dict[str, Any]
+
+    def __init__(
+        self,
+        *args: Any,
+        enqueue_entry: bool = False,
+        heartbeat_interval: int = DEFAULT_HEARTBEAT_INTERVAL,
+        grace_period: int = DEFAULT_GRACE_PERIOD,
+        **kwargs: Any,
+    ):
+        super().__init__(*args, **kwargs)
+        self.enqueue_entry = enqueue_entry
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        # The first stop signal received, the trials running and the trial a signal stopped.
+        self._stop_signal: int | None = None
+        self._n_running = 0
+        self._stopped_trial: int | None = None
 
     @staticmethod
     def _preprocess_schedules(hyperparams: dict[str, Any]) -> dict[str, Any]:
@@ -204,25 +257,80 @@ class CheckedExperimentManager(ExperimentManager):
             raise ZooInputError(f"{ENQUEUE_ENTRY}: {error}") from error
 
     def hyperparameters_optimization(self) -> None:
-        if self.enqueue_entry:
-            self._enqueue_entry()
-        super().hyperparameters_optimization()
+        storage = None
+        if self.storage is not None:
+            storage = open_storage(self.storage, self.heartbeat_interval, self.grace_period)
+            if self.enqueue_entry:
+                with storage_lock(self.storage):
+                    study = optuna.create_study(
+                        storage=storage, study_name=self.study_name, load_if_exists=True, direction="maximize"
+                    )
+                    enqueue_unless_measured(study, self._entry_params)
+        create_study = optuna.create_study
+        # rl-zoo3 opens its study from the URL; it gets the storage opened here, with heartbeats.
+        opened_here = _replaced(optuna, "create_study", lambda **kwargs: create_study(**{**kwargs, "storage": storage}))
+        with opened_here if storage else nullcontext(), self._stopping_on_signals():
+            super().hyperparameters_optimization()
+        if self._stopped_trial is not None:
+            assert self._stop_signal is not None
+            name = signal.Signals(self._stop_signal).name
+            print(f"Stopped by {name}: trial {self._stopped_trial} failed and enqueued again", file=sys.stderr)
+            sys.exit(128 + self._stop_signal)
 
-    def _enqueue_entry(self) -> None:
-        assert self.storage is not None  # checked with the hyperparameters
-        # The same storage and study as rl-zoo3's optimization opens next.
-        storage: str | optuna.storages.BaseStorage = self.storage
-        if self.storage.endswith(".log"):
-            Path(self.storage).parent.mkdir(parents=True, exist_ok=True)
-            storage = optuna.storages.JournalStorage(JournalFileBackend(self.storage))
-        study = optuna.create_study(storage=storage, study_name=self.study_name, load_if_exists=True, direction="maximize")
-        study.enqueue_trial(self._entry_params, skip_if_exists=True)
+    def objective(self, trial: optuna.Trial) -> float:
+        self._n_running += 1
+        try:
+            if self._stop_signal is not None:  # received between two trials
+                raise WorkerStopped(self._stop_signal)
+            return super().objective(trial)
+        except WorkerStopped as stop:
+            self._fail_stopped(trial, stop)
+            raise
+        finally:
+            self._n_running -= 1
+
+    def _fail_stopped(self, trial: optuna.Trial, stop: WorkerStopped) -> None:
+        """Enqueue the trial again, as for a dead worker, and say why it fails (Optuna fails it next)."""
+        self._stopped_trial = trial.number
+        if self.storage is None:
+            return  # in memory: nobody would run it again
+        frozen = trial.storage.get_trial(trial._trial_id)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(trial.study, frozen)
+        trial.storage.set_trial_system_attr(trial._trial_id, "fail_reason", f"worker stopped by {stop}")
+
+    @contextmanager
+    def _stopping_on_signals(self) -> Iterator[None]:
+        """SIGINT and SIGTERM stop the running trial; between trials, the next one.
+
+        Installed whatever the inherited handlers: a worker started with ``&`` by a script
+        inherits an ignored SIGINT.
+        """
+
+        def stop(signum: int, frame: Any) -> None:
+            first = self._stop_signal is None
+            self._stop_signal = signum
+            # Only once: a second signal must not interrupt the bookkeeping of the first.
+            if first and self._n_running > 0:
+                raise WorkerStopped(signum)
+
+        previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
 
-class EnqueuingExperimentManager(CheckedExperimentManager):
-    """:class:`CheckedExperimentManager` for ``--enqueue-entry``."""
-
-    enqueue_entry = True
+@contextmanager
+def _replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, saved)
 
 
 def _peek(argv: Sequence[str]) -> argparse.Namespace:
@@ -233,6 +341,28 @@ def _peek(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("-conf", "--conf-file", default=None)
     parser.add_argument("--gym-packages", nargs="+", default=[])
     return parser.parse_known_args(argv)[0]
+
+
+def _study_options(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """This package's train options (keyword arguments of the manager), and the arguments left for rl-zoo3."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    parser.add_argument(ENQUEUE_ENTRY, action="store_true")
+    parser.add_argument(HEARTBEAT_INTERVAL, type=int, default=DEFAULT_HEARTBEAT_INTERVAL)
+    parser.add_argument(GRACE_PERIOD, type=int, default=DEFAULT_GRACE_PERIOD)
+    try:
+        options, rest = parser.parse_known_args(argv)
+    except argparse.ArgumentError as error:
+        raise ZooInputError(str(error)) from error
+    if not {"-optimize", "--optimize-hyperparameters"} & set(rest):
+        for name in (ENQUEUE_ENTRY, HEARTBEAT_INTERVAL, GRACE_PERIOD):
+            if any(arg.split("=")[0] == name for arg in argv):
+                raise ZooInputError(f"{name} is an option of tuning: it needs -optimize")
+    if not 0 < options.heartbeat_interval < options.grace_period:
+        raise ZooInputError(
+            f"{GRACE_PERIOD} ({options.grace_period}) must exceed {HEARTBEAT_INTERVAL} ({options.heartbeat_interval}), "
+            "and both be positive: a trial that records a heartbeat in time must never count as dead"
+        )
+    return vars(options), rest
 
 
 def _train_arguments(argv: list[str], registered: list[str]) -> list[str]:
@@ -258,7 +388,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands: dict[str, Callable[[], None]] = {"train": rl_zoo3.train.train, "enjoy": rl_zoo3_enjoy}
     usage = (
         f"usage: {PROG} {{train,enjoy}} [rl-zoo3 arguments; see {PROG} train --help]\n"
-        f"train -optimize also takes {ENQUEUE_ENTRY}: the config entry of --env becomes a trial of the study"
+        f"train -optimize also takes {ENQUEUE_ENTRY}: the config entry of --env becomes a trial of the study;\n"
+        f"{HEARTBEAT_INTERVAL} SECONDS (default {DEFAULT_HEARTBEAT_INTERVAL}) and {GRACE_PERIOD} SECONDS "
+        f"(default {DEFAULT_GRACE_PERIOD}): a trial of an RDB storage without a heartbeat for the grace period "
+        "has lost its worker; it is failed and run again"
     )
     if args[:1] in (["-h"], ["--help"]):
         print(usage)
@@ -269,17 +402,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     registered = register()
     saved_argv, saved_manager = sys.argv, rl_zoo3.train.ExperimentManager
     try:
-        manager: type[CheckedExperimentManager] = CheckedExperimentManager
+        manager: Callable[..., CheckedExperimentManager] = CheckedExperimentManager
         if command == "train":
-            if ENQUEUE_ENTRY in rest:
-                if not {"-optimize", "--optimize-hyperparameters"} & set(rest):
-                    raise ZooInputError(f"{ENQUEUE_ENTRY} enqueues a trial of a study: it needs -optimize")
-                rest = [arg for arg in rest if arg != ENQUEUE_ENTRY]
-                manager = EnqueuingExperimentManager
+            options, rest = _study_options(rest)
+            manager = functools.partial(CheckedExperimentManager, **options)
             rest = _train_arguments(rest, registered)
         # rl-zoo3 parses sys.argv; the manager is looked up in rl_zoo3.train when train() runs.
         sys.argv = [f"{PROG} {command}", *rest]
-        rl_zoo3.train.ExperimentManager = manager  # type: ignore[misc]
+        rl_zoo3.train.ExperimentManager = manager  # type: ignore[misc,assignment]
         commands[command]()
     except ZooInputError as error:
         sys.exit(f"{PROG} {command}: error: {error}")

@@ -9,10 +9,13 @@ import pwd
 import re
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -20,7 +23,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from sb3_trpo.hyperparams import config_entry
+from sb3_trpo.hyperparams import config_entry, enqueue_unless_measured, storage_lock
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -32,17 +35,33 @@ TRIALS_PER_WORKER = 3
 
 # A worker is the real command line (sb3_trpo.zoo.main, rl-zoo3, Optuna's storage) whose
 # sampled trials are cut to 64-step rollouts and 2 critic epochs, so that each trial costs
-# a fraction of a second whatever the sampler draws.
+# a fraction of a second whatever the sampler draws. With HOLD set, each trial after the
+# first HOLD_AFTER of the worker's study touches HOLD.trial<number> and waits while the file
+# HOLD exists: the test knows which trial runs where, and can kill or stop a worker inside it.
 WORKER = """
+import os
 import sys
+import time
 from dataclasses import replace
+from pathlib import Path
 
 from sb3_trpo import zoo
 from sb3_trpo.hyperparams import sample_trpo_params
 
+n_sampled = 0
+
 
 def small_trials(trial, n_actions, n_envs, additional_args):
+    global n_sampled
     hyperparams = sample_trpo_params(trial, n_actions, n_envs, additional_args)
+    if trial.study.study_name != "shared":  # --enqueue-entry's probe of the search space
+        return hyperparams
+    n_sampled += 1
+    if "HOLD" in os.environ and n_sampled > int(os.environ.get("HOLD_AFTER", 0)):
+        hold = Path(os.environ["HOLD"])
+        hold.with_name(f"{hold.name}.trial{trial.number}").touch()
+        while hold.exists():
+            time.sleep(0.05)
     return {**hyperparams, "n_steps": min(hyperparams["n_steps"], 64), "n_critic_updates": 2}
 
 
@@ -51,20 +70,33 @@ zoo.main(sys.argv[1:])
 """
 
 
-def start_worker(storage: str, seed: int, log_folder: Path) -> subprocess.Popen[str]:
+def start_worker(
+    storage: str,
+    seed: int,
+    log_folder: Path,
+    n_trials: int = TRIALS_PER_WORKER,
+    options: Sequence[str] = (),
+    hold: Path | None = None,
+    hold_after: int = 0,
+    ignore_sigint: bool = False,
+) -> subprocess.Popen[str]:
     """One tuning worker: 128 steps and one evaluation of one episode per trial."""
     command = [sys.executable, "-c", WORKER, "train", "--algo", "trpo", "--env", "CartPole-v1", "-optimize"]
-    command += ["--storage", storage, "--study-name", STUDY, "--n-trials", str(TRIALS_PER_WORKER), "-n", "128"]
+    command += ["--storage", storage, "--study-name", STUDY, "--n-trials", str(n_trials), "-n", "128", *options]
     command += ["--n-evaluations", "1", "--eval-episodes", "1", "--sampler", "random", "--pruner", "none"]
     command += ["--no-optim-plots", "--num-threads", "1", "--seed", str(seed), "-f", str(log_folder), "-params", "n_envs:1"]
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if hold is not None:
+        environment.update(HOLD=str(hold), HOLD_AFTER=str(hold_after))
+    # What bash does to a job started with & by a script: the worker inherits an ignored SIGINT.
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
+    return subprocess.Popen(
+        command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=ignore
+    )
 
 
 def run_two_workers(storage: str, tmp_path: Path) -> list[list[int]]:
-    """Two concurrent workers on one study; returns the trial numbers each one logged as finished."""
-    # Created once up front, as the README recipe does: concurrent first-time table creation can race.
-    optuna.create_study(storage=storage, study_name=STUDY, direction="maximize")
+    """Two workers started together on an empty storage; returns the trial numbers each one logged as finished."""
     workers = [start_worker(storage, seed, tmp_path / f"worker{seed}") for seed in (1, 2)]
     finished = []
     for worker in workers:
@@ -160,6 +192,142 @@ def postgres_url() -> Iterator[str]:
 
 def test_two_workers_share_one_postgresql_study(postgres_url: str, tmp_path: Path) -> None:
     assert_every_trial_finished_once(postgres_url, run_two_workers(postgres_url, tmp_path))
+
+
+def test_postgresql_storage_lock_is_held_by_the_server_until_released(postgres_url: str) -> None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(postgres_url)
+    query = sqlalchemy.text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted")
+    with engine.connect() as connection:
+        with storage_lock(postgres_url):
+            assert connection.execute(query).scalar() == 1
+        assert connection.execute(query).scalar() == 0
+    engine.dispose()
+
+
+def test_entry_is_enqueued_again_only_when_every_run_of_it_failed() -> None:
+    study = optuna.create_study(direction="maximize")
+    params = {"x": 1.0}
+    distributions = {"x": optuna.distributions.FloatDistribution(0.0, 2.0)}
+
+    def run(state: TrialState) -> None:
+        trial = study.ask(distributions)
+        assert trial.params == params  # the enqueued trial
+        study.tell(trial, 1.0 if state == TrialState.COMPLETE else None, state=state)
+
+    assert enqueue_unless_measured(study, params)
+    assert not enqueue_unless_measured(study, params)  # waiting
+    run(TrialState.FAIL)
+    assert enqueue_unless_measured(study, params)  # its only run measured nothing
+    run(TrialState.COMPLETE)
+    assert not enqueue_unless_measured(study, params)
+    assert [trial.state for trial in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+# ------------------------------------------------------------------ faults, on PostgreSQL
+
+# Heartbeats every second; a trial without one for 4 s has lost its worker.
+HEARTBEAT = ("--heartbeat-interval", "1", "--grace-period", "4")
+GRACE_PERIOD = 4
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@contextmanager
+def reaped(workers: list[subprocess.Popen[str]]) -> Iterator[None]:
+    """Whatever happens in the test, no worker outlives it."""
+    try:
+        yield
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+            worker.communicate(timeout=60)
+
+
+def held_trial(worker: subprocess.Popen[str], hold: Path, timeout: float = 180) -> int:
+    """The number of the trial in which ``worker`` waits on ``hold`` (see WORKER)."""
+    deadline = time.monotonic() + timeout
+    while not (markers := list(hold.parent.glob(f"{hold.name}.trial*"))):
+        if worker.poll() is not None:
+            stdout, stderr = worker.communicate()
+            raise AssertionError(f"worker exited with {worker.returncode} before its trial: {stdout[-2000:]}{stderr[-4000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no trial held on {hold} after {timeout} s")
+        time.sleep(0.1)
+    (marker,) = markers
+    return int(marker.name.rsplit(".trial", 1)[1])
+
+
+def test_killed_worker_trial_fails_and_is_run_again_by_a_survivor(postgres_url: str, tmp_path: Path) -> None:
+    holds = [tmp_path / f"hold{seed}" for seed in range(3)]
+    for hold in holds:
+        hold.touch()
+    # Three workers started together on an empty database, each passing --enqueue-entry.
+    workers = [
+        start_worker(postgres_url, seed, tmp_path / f"worker{seed}", 2, [*HEARTBEAT, "--enqueue-entry"], hold)
+        for seed, hold in enumerate(holds)
+    ]
+    victim, survivors = workers[0], workers[1:]
+    with reaped(workers):
+        killed_number = held_trial(victim, holds[0])
+        for worker, hold in zip(survivors, holds[1:], strict=True):
+            held_trial(worker, hold)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=60)
+        # A precondition, not a measurement: the victim's last heartbeat is now older than the grace period.
+        time.sleep(GRACE_PERIOD + 1)
+        for hold in holds[1:]:
+            hold.unlink()
+        outputs = [worker.communicate(timeout=240) for worker in survivors]
+    for worker, (stdout, stderr) in zip(survivors, outputs, strict=True):
+        assert worker.returncode == 0, stdout[-2000:] + stderr[-4000:]
+
+    trials = optuna.load_study(study_name=STUDY, storage=postgres_url).trials
+    killed = trials[killed_number]
+    assert killed.state == TrialState.FAIL
+    # A survivor found it dead when it started its next trial, and ran it again with the same parameters.
+    (retry,) = [trial for trial in trials if trial.system_attrs.get("failed_trial") == killed_number]
+    assert retry.state in FINISHED and retry.params == killed.params
+    assert not [trial for trial in trials if trial.state in (TrialState.RUNNING, TrialState.WAITING)]
+    # The survivors ran the 2 + 2 trials they were asked for, the retry among them.
+    assert sorted(trial.state in FINISHED for trial in trials) == [False] + [True] * 4
+    # The entry was enqueued once by the three workers, and a run of it finished.
+    entry_runs = [trial for trial in trials if "fixed_params" in trial.system_attrs]
+    assert len([trial for trial in entry_runs if "failed_trial" not in trial.system_attrs]) == 1
+    assert [trial.params for trial in entry_runs if trial.state in FINISHED] == [entry_runs[0].system_attrs["fixed_params"]]
+
+
+def test_stopped_workers_fail_their_trial_enqueue_it_again_and_report(postgres_url: str, tmp_path: Path) -> None:
+    stops = (signal.SIGINT, signal.SIGTERM)
+    outputs = []
+    for seed, stop in enumerate(stops):
+        hold = tmp_path / f"hold{seed}"
+        hold.touch()
+        # The first worker inherits an ignored SIGINT, as a job started with & by a script does.
+        worker = start_worker(
+            postgres_url, seed, tmp_path / f"worker{seed}", 3, HEARTBEAT, hold, hold_after=1, ignore_sigint=seed == 0
+        )
+        with reaped([worker]):
+            held_trial(worker, hold)  # its second trial, after a first one finished
+            worker.send_signal(stop)
+            outputs.append(worker.communicate(timeout=120))
+        assert worker.returncode == 128 + stop, outputs[-1][1][-4000:]
+
+    trials = optuna.load_study(study_name=STUDY, storage=postgres_url).trials
+    states = [trial.state for trial in trials]
+    # Worker 0: trial 0 finished, trial 1 stopped by SIGINT and enqueued again as trial 2.
+    # Worker 1: trial 2 (the retry, waiting trials first), then trial 3 stopped by SIGTERM, enqueued as trial 4.
+    assert states[0] in FINISHED and states[2] in FINISHED
+    assert (states[1], states[3], states[4]) == (TrialState.FAIL, TrialState.FAIL, TrialState.WAITING)
+    assert [trials[n].system_attrs["fail_reason"] for n in (1, 3)] == ["worker stopped by SIGINT", "worker stopped by SIGTERM"]
+    assert [trials[n].system_attrs["failed_trial"] for n in (2, 4)] == [1, 3]
+    assert trials[2].params == trials[1].params and trials[4].params == trials[3].params
+    for seed, ((stdout, stderr), stopped) in enumerate(zip(outputs, (1, 3), strict=True)):
+        assert f"trial {stopped} failed and enqueued again" in stderr
+        # What rl-zoo3 writes at the end of an optimization: the best trial and the report.
+        assert "Best trial:" in stdout
+        assert len(list((tmp_path / f"worker{seed}" / "trpo").glob("report_CartPole-v1_3-trials-128-random-none_*.csv"))) == 1
 
 
 # ------------------------------------------------------------------ examples/tune_optuna.py

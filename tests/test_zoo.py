@@ -266,10 +266,33 @@ def test_enqueue_entry_stops_on_bad_input_before_training_and_leaves_the_study(
     assert sha256(path) == before and not (tmp_path / "logs").exists()
 
 
-def test_enqueue_entry_without_optimize_is_refused(tmp_path: Path) -> None:
-    message = run_zoo("train", "--algo", "trpo", "--env", "Pendulum-v1", "--enqueue-entry", "-f", str(tmp_path))
-    assert "--enqueue-entry enqueues a trial of a study: it needs -optimize" in message
+@pytest.mark.parametrize("option", [["--enqueue-entry"], ["--heartbeat-interval", "5"], ["--grace-period=20"]])
+def test_tuning_options_without_optimize_are_refused(option: list[str], tmp_path: Path) -> None:
+    message = run_zoo("train", "--algo", "trpo", "--env", "Pendulum-v1", *option, "-f", str(tmp_path))
+    assert f"{option[0].split('=')[0]} is an option of tuning: it needs -optimize" in message
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("heartbeat", "expected"),
+    [
+        (["--heartbeat-interval", "60", "--grace-period", "60"], "--grace-period (60) must exceed --heartbeat-interval (60)"),
+        (["--grace-period", "30"], "--grace-period (30) must exceed --heartbeat-interval (60)"),
+        (["--heartbeat-interval", "0"], "--grace-period (180) must exceed --heartbeat-interval (0), and both be positive"),
+        (["--heartbeat-interval", "1m"], "argument --heartbeat-interval: invalid int value: '1m'"),
+    ],
+)
+def test_heartbeat_that_would_fail_live_trials_is_refused(
+    heartbeat: list[str], expected: str, tmp_path: Path, existing_study: tuple[str, Path]
+) -> None:
+    url, path = existing_study
+    before = sha256(path)
+    message = run_zoo(
+        "train", "--algo", "trpo", "--env", "Pendulum-v1", "-optimize", "--storage", url, "--study-name", "pendulum",
+        *heartbeat, "-f", str(tmp_path / "logs"),
+    )  # fmt: skip
+    assert expected in message
+    assert sha256(path) == before and not (tmp_path / "logs").exists()
 
 
 # ------------------------------------------------------------------ bad input
