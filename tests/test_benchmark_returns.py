@@ -104,6 +104,38 @@ def test_campaign_writes_run_files_and_resumes_without_retraining(tmp_path: Path
     assert {name: after[name] == before[name] for name in after} == {name: name != f"{missing.name}.json" for name in after}
 
 
+def test_a_dead_worker_process_fails_only_its_run_which_the_next_invocation_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # rl-zoo3 imports an entry's env_wrapper in the worker process, which this one kills at once.
+    (tmp_path / "dying_wrapper.py").write_text(
+        "import os\nimport signal\n\n\ndef die(env):\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned processes inherit sys.path
+    config, results = tmp_path / "trpo.yml", tmp_path / "results"
+    healthy = CONFIG + CONFIG.replace("CartPole-v1", "Acrobot-v1")
+    config.write_text(healthy + "  env_wrapper: dying_wrapper.die\n")
+    campaign = [
+        "--envs", "Acrobot-v1", "CartPole-v1", "--seeds", "0", "--impl", "sb3_trpo", "--timesteps", "1000",
+        "--eval-freq", "600", "--eval-episodes", "2", "--config", str(config), "--results-dir", str(results), "--jobs", "2",
+    ]  # fmt: skip
+    dead, alive = "Acrobot-v1__sb3_trpo__seed0", "CartPole-v1__sb3_trpo__seed0"
+
+    assert returns.main(campaign) == 1
+    captured = capsys.readouterr()
+    assert "done: 0, trained: 1, locked: 0, failed: 1" in captured.out and f"  failed: {dead}" in captured.out
+    assert f"[{dead}] failed: its process died (killed by SIGKILL)" in captured.err
+    # The run beside it finished; the dead run left its lock, stale now that its process is gone.
+    assert returns.is_complete(results / f"{alive}.json")
+    assert sorted(path.name for path in results.iterdir()) == [f"{dead}.json.lock", f"{alive}.json"]
+
+    config.write_text(healthy)
+    assert returns.main(campaign) == 0
+    assert "done: 1, trained: 1, locked: 0, failed: 0" in capsys.readouterr().out
+    assert returns.is_complete(results / f"{dead}.json")
+    assert sorted(path.name for path in results.iterdir()) == [f"{dead}.json", f"{alive}.json"]
+
+
 @pytest.mark.parametrize("impl", ["sb3_trpo", "sb3_contrib"])
 def test_record_updates_keeps_each_updates_logged_statistics(tmp_path: Path, impl: str) -> None:
     config = tmp_path / "trpo.yml"

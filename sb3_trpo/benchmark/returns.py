@@ -23,6 +23,10 @@ work on the same results directory: a run is claimed by creating ``<run>.lock`` 
 A lock is stale when it names this host and a process id that no longer exists (the worker
 was killed); such a lock is reclaimed automatically. A lock written by another host is never
 broken automatically: delete it by hand once that host's worker is known to be gone.
+
+With ``--jobs N``, each run is a fresh one-thread process, N at a time. A process that dies
+(killed, out of memory) fails its own run only: the others go on, the run is listed as
+failed, and the next invocation runs it again (its lock is then stale).
 """
 
 from __future__ import annotations
@@ -34,16 +38,18 @@ import inspect
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from multiprocessing import get_context
+from multiprocessing import connection, get_context
+from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from typing import Any
 
@@ -428,24 +434,28 @@ def execute(spec: RunSpec, results_dir: Path) -> str:
         lock.unlink(missing_ok=True)
 
 
-def _init_worker() -> None:
+def _execute_in_worker(spec: RunSpec, results_dir: str, sender: connection.Connection) -> None:
+    """A campaign's worker process: one thread, one run; sends back what happened."""
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
     import torch
 
     torch.set_num_threads(1)
-
-
-def _execute_in_worker(spec: RunSpec, results_dir: str) -> str:
     start = time.perf_counter()
     try:
         status = execute(spec, Path(results_dir))
     except Exception as error:
         print(f"[{spec.name}] failed: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
-        return "failed"
+        status = "failed"
     if status == "trained":
         print(f"[{spec.name}] trained in {time.perf_counter() - start:.0f} s", flush=True)
-    return status
+    sender.send(status)
+
+
+def _death(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        return f"killed by {signal.Signals(-exitcode).name}"
+    return f"exit status {exitcode}"
 
 
 def run_campaign(specs: Sequence[RunSpec], results_dir: Path, jobs: int) -> dict[str, list[str]]:
@@ -465,13 +475,35 @@ def run_campaign(specs: Sequence[RunSpec], results_dir: Path, jobs: int) -> dict
                 )
         else:
             pending.append(spec)
-    if pending:
-        with ProcessPoolExecutor(
-            max_workers=jobs, mp_context=get_context("spawn"), initializer=_init_worker, max_tasks_per_child=1
-        ) as pool:
-            futures = {spec.name: pool.submit(_execute_in_worker, spec, str(results_dir)) for spec in pending}
-            for name, future in futures.items():
-                outcome[future.result()].append(name)
+    # Processes of our own rather than a pool: a pool breaks, with every run in it, when one process dies.
+    context = get_context("spawn")
+    waiting = deque(pending)
+    running: dict[Any, tuple[RunSpec, SpawnProcess, connection.Connection]] = {}
+    statuses: dict[str, str] = {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                spec = waiting.popleft()
+                receiver, sender = context.Pipe(duplex=False)
+                process = context.Process(target=_execute_in_worker, args=(spec, str(results_dir), sender), name=spec.name)
+                process.start()
+                sender.close()  # the child's copy stays open: EOF on the receiver means the child is gone
+                running[process.sentinel] = (spec, process, receiver)
+            for sentinel in connection.wait(list(running)):
+                spec, process, receiver = running.pop(sentinel)
+                process.join()
+                try:
+                    statuses[spec.name] = receiver.recv()
+                except EOFError:
+                    print(f"[{spec.name}] failed: its process died ({_death(process.exitcode)})", file=sys.stderr, flush=True)
+                    statuses[spec.name] = "failed"
+                receiver.close()
+    finally:
+        for _, process, _ in running.values():
+            process.terminate()
+            process.join()
+    for spec in pending:
+        outcome[statuses[spec.name]].append(spec.name)
     return outcome
 
 
