@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import zipfile
@@ -22,7 +23,7 @@ from rl_zoo3.utils import ALGOS
 import sb3_trpo
 from sb3_trpo import NPG, TRPO
 from sb3_trpo.hyperparams import config_entry, sample_npg_params, sample_trpo_params
-from sb3_trpo.zoo import CONFIG_DIR, CheckedExperimentManager, main, register
+from sb3_trpo.zoo import CONFIG_DIR, CheckedExperimentManager, WorkerStopped, main, register
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -264,6 +265,22 @@ def test_enqueue_entry_stops_on_bad_input_before_training_and_leaves_the_study(
     )  # fmt: skip
     assert expected in message
     assert sha256(path) == before and not (tmp_path / "logs").exists()
+
+
+def test_stop_signal_between_trials_fails_the_next_trial_before_it_trains_and_enqueues_it_again(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=url, study_name="p", direction="maximize")
+    study.enqueue_trial({"target_kl": 0.02})
+    manager = CheckedExperimentManager(argparse.Namespace(), "trpo", "CartPole-v1", str(tmp_path), storage=url, study_name="p")
+    manager._stop_signal = signal.SIGTERM  # as the handler records a signal that came while no trial ran
+    trial = study.ask()
+    with pytest.raises(WorkerStopped):
+        manager.objective(trial)  # nothing trained: no environment or model was made
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)  # what Optuna does with the exception
+    stopped, retry = optuna.load_study(study_name="p", storage=url).trials
+    assert stopped.system_attrs["fail_reason"] == "worker stopped by SIGTERM"
+    assert retry.state == optuna.trial.TrialState.WAITING and retry.system_attrs["failed_trial"] == 0
+    assert retry.system_attrs["fixed_params"] == {"target_kl": 0.02}
 
 
 @pytest.mark.parametrize("option", [["--enqueue-entry"], ["--heartbeat-interval", "5"], ["--grace-period=20"]])
