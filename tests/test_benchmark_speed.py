@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from sb3_trpo.benchmark import speed
 from sb3_trpo.benchmark.speed import _private_kb, main, run
 
 RUN_LINE = re.compile(
@@ -22,15 +23,37 @@ def test_speed_benchmark_reports_both_implementations_and_their_ratio() -> None:
     runs = [RUN_LINE.match(line) for line in lines[:-1]]
     assert all(runs), lines
     assert [m["impl"] for m in runs if m] == ["sb3_trpo", "sb3_contrib"]
+    summary = summaries["Pendulum-v1"]
     for match in runs:
         assert match is not None
         phases = float(match["rollout"]) + float(match["policy"]) + (0 if match["critic"] == "nan" else float(match["critic"]))
         # The phases are disjoint parts of the total; each of the four printed figures is rounded to 0.01.
         assert 0 < phases <= float(match["total"]) + 4 * 0.005 + 1e-9
         assert int(match["rss"]) > 100
-    summary = summaries["Pendulum-v1"]
-    assert summary["ratio"] == pytest.approx(summary["sb3_trpo"] / summary["sb3_contrib"])
+        # One repetition: the summary's speed is the measured one (printed rounded to 1 step/s).
+        assert summary[match["impl"]] == pytest.approx(float(match["sps"]), abs=0.5)
     assert lines[-1].startswith(f"summary Pendulum-v1 sb3_trpo={summary['sb3_trpo']:.0f} sb3_contrib=")
+
+
+def test_summary_is_the_median_speed_and_the_median_of_the_per_repetition_ratios(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ratios 2, 1.5, 3 (median 2), while the ratio of the median speeds is 240 / 80 = 3.
+    speeds = {"sb3_trpo": [100.0, 300.0, 240.0], "sb3_contrib": [50.0, 200.0, 80.0]}
+    calls: list[str] = []
+
+    def worker(impl: str, env_id: str, steps: int, seed: int, background_critic: bool) -> dict[str, float]:
+        repetition = calls.count(impl)
+        calls.append(impl)
+        timings = dict(rollout_s=1.0, policy_step_s=1.0, critic_s=1.0, total_s=3.0)
+        return dict(steps_per_s=speeds[impl][repetition], peak_rss_mb=100.0 + 10 * repetition, **timings)
+
+    monkeypatch.setattr(speed, "_run_worker", worker)
+    lines: list[str] = []
+    summary = run(["Env-v0"], steps=1, repetitions=3, compare="sb3_contrib", seed=0, emit=lines.append)["Env-v0"]
+    # The implementations alternate which runs first.
+    assert calls == ["sb3_trpo", "sb3_contrib", "sb3_contrib", "sb3_trpo", "sb3_trpo", "sb3_contrib"]
+    assert (summary["sb3_trpo"], summary["sb3_contrib"], summary["ratio"]) == (240.0, 80.0, 2.0)
+    assert summary["peak_rss_mb"] == {"sb3_trpo": 120.0, "sb3_contrib": 120.0}
+    assert lines[-1] == "summary Env-v0 sb3_trpo=240 sb3_contrib=80 ratio=2.00 peak_rss_mb sb3_trpo=120 sb3_contrib=120"
 
 
 def test_speed_benchmark_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
@@ -61,6 +84,6 @@ def test_worker_memory_counts_only_its_private_pages() -> None:
         sizes[private_mb] = _private_kb(process.pid) / 1024
         done.set()
         process.join()
-    assert len(shared) == 64 << 20
+    del shared  # held, resident, until both children were measured
     assert sizes[0] < 32, "the 64 MB shared with the parent must not count"
     assert 64 <= sizes[64] < 64 + 32
