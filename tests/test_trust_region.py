@@ -18,7 +18,7 @@ from sb3_trpo.common.trust_region import (
     kl_hessian_vector_product,
     max_step_size,
 )
-from tests.helpers import ACTION_SPACES, dense_kl_hessian, observations, small_policy
+from tests.helpers import ACTION_SPACES, dense_hessian, observations, small_policy
 
 
 def random_spd(n: int, seed: int, condition: float = 50.0) -> th.Tensor:
@@ -83,24 +83,20 @@ def test_max_step_puts_quadratic_kl_on_boundary() -> None:
 def test_fisher_vector_product_equals_dense_kl_hessian(kind: str, method: str, shared_extractor: bool) -> None:
     policy = small_policy(kind, shared_extractor=shared_extractor)
     obs = observations()
-    hessian = dense_kl_hessian(policy, obs)
     actor, _ = split_actor_critic(policy)
+    with th.no_grad():
+        old = copy.copy(policy.get_distribution(obs))
+    # The Hessian of the mean KL(pi_old || pi) at pi = pi_old, entry by entry.
+    hessian = dense_hessian(policy, actor, lambda: kl_divergence(old, policy.get_distribution(obs)).mean())
     if method == "analytic":
         product = distribution_fisher_vector_product(policy.get_distribution(obs), actor)
         assert product is not None
     else:
-        with th.no_grad():
-            old = copy.copy(policy.get_distribution(obs))
-        new = policy.get_distribution(obs)
-        product = kl_hessian_vector_product(kl_divergence(old, new).mean(), actor)
+        product = kl_hessian_vector_product(kl_divergence(old, policy.get_distribution(obs)).mean(), actor)
     generator = th.Generator().manual_seed(7)
     for _ in range(3):
         v = th.randn(hessian.shape[0], generator=generator, dtype=th.float64)
         assert th.allclose(product(v), hessian @ v, rtol=1e-7, atol=1e-10)
-    # The product leaves the policy's own parameters in place.
-    assert all(any(p is a for a in actor) for p in split_actor_critic(policy)[0])
-    assert all(isinstance(p, th.nn.Parameter) for p in policy.parameters())
-    assert float(th.linalg.eigvalsh(hessian).min()) > -1e-10
 
 
 def test_damping_adds_multiple_of_identity() -> None:
@@ -129,24 +125,75 @@ class Quadratic:
         self.value = self.start
 
 
-@pytest.mark.parametrize("step", [0.05, 0.3, 1.0, 2.5, 8.0, -0.5])
-def test_line_search_never_accepts_kl_violation_or_worse_surrogate(step: float) -> None:
+@pytest.mark.parametrize(
+    ("step", "before", "target_kl", "n_backtracks"),
+    [
+        # Objective -(v - 1)^2 and KL v^2 / 2 at v = fraction * step; fractions 1, 1/2, 1/4, ...
+        (0.05, -1.0, 0.02, 0),  # v = 0.05: KL 0.00125
+        (0.3, -1.0, 0.02, 1),  # v = 0.3: KL 0.045 > 0.02; v = 0.15: KL 0.011
+        (1.0, -1.0, 0.02, 3),  # the KL allows |v| < 0.2: v = 0.125
+        (8.0, -1.0, 0.02, 6),  # v = 8 * 2^-6 = 0.125
+        (3.0, -0.81, 5.0, 1),  # the surrogate decides: v = 3 (KL 4.5) scores -4 < -0.81; v = 1.5 scores -0.25
+        (-0.5, -1.0, 0.02, None),  # v < 0 always scores below -1: no fraction qualifies
+    ],
+)
+def test_line_search_takes_the_largest_fraction_with_kl_below_target_and_better_surrogate(
+    step: float, before: float, target_kl: float, n_backtracks: int | None
+) -> None:
     problem = Quadratic(start=0.0, step=step)
-    before = -1.0
     result = backtracking_line_search(
-        problem.evaluate, problem.restore, before, target_kl=0.02, shrinking_factor=0.5, max_iter=8
+        problem.evaluate, problem.restore, before, target_kl=target_kl, shrinking_factor=0.5, max_iter=8
     )
-    if result.success:
-        assert result.kl < 0.02
-        assert result.objective > before
-        assert problem.value == pytest.approx(result.step_fraction * step)
-        # Every larger fraction tried before was rejected for a reason.
-        for fraction, objective, kl in problem.evaluated[:-1]:
-            assert fraction > result.step_fraction
-            assert kl >= 0.02 or objective <= before
-    else:
+    if n_backtracks is None:
+        assert not result.success
+        assert result.step_fraction == 0.0 and result.n_backtracks == 8
         assert problem.value == 0.0
-        assert result.step_fraction == 0.0
+        return
+    assert result.success
+    assert result.n_backtracks == n_backtracks
+    assert result.step_fraction == 0.5**n_backtracks
+    assert problem.value == result.step_fraction * step
+    assert result.kl == 0.5 * problem.value**2 < target_kl
+    assert result.objective == -((problem.value - 1.0) ** 2) > before
+    assert len(problem.evaluated) == n_backtracks + 1
+
+
+class Table:
+    """A line search problem given as the (objective, KL) of each fraction tried."""
+
+    def __init__(self, values: dict[float, tuple[float, float]]):
+        self.values = values
+        self.restored = False
+
+    def evaluate(self, fraction: float) -> tuple[float, float]:
+        return self.values[fraction]
+
+    def restore(self) -> None:
+        self.restored = True
+
+
+TARGET_KL = 0.01
+
+
+@pytest.mark.parametrize(
+    ("full_step", "n_backtracks"),
+    [
+        ((1.0, TARGET_KL * (1 + 1e-6)), 1),  # KL just above the radius: rejected
+        ((1.0, TARGET_KL), 1),  # on the radius: rejected (the bound is strict)
+        ((1.0, TARGET_KL * (1 - 1e-6)), 0),  # just below: accepted
+        ((0.0, TARGET_KL * 0.5), 1),  # no improvement of the surrogate: rejected
+        ((1e-9, TARGET_KL * 0.5), 0),  # the smallest improvement: accepted
+    ],
+    ids=["kl-just-above", "kl-on-boundary", "kl-just-below", "surrogate-equal", "surrogate-just-better"],
+)
+def test_line_search_decides_at_the_boundary_of_the_trust_region(full_step: tuple[float, float], n_backtracks: int) -> None:
+    """The full step (fraction 1) is accepted or rejected by a hair; the next try (0.8) qualifies clearly."""
+    problem = Table({1.0: full_step, 0.8: (0.5, 0.5 * TARGET_KL)})
+    result = backtracking_line_search(problem.evaluate, problem.restore, 0.0, target_kl=TARGET_KL, shrinking_factor=0.8)
+    assert result.success and not problem.restored
+    assert result.n_backtracks == n_backtracks
+    assert result.step_fraction == (1.0, 0.8)[n_backtracks]
+    assert (result.objective, result.kl) == problem.values[result.step_fraction]
 
 
 def test_line_search_failure_restores_exact_parameters() -> None:
@@ -156,12 +203,6 @@ def test_line_search_failure_restores_exact_parameters() -> None:
     assert result.n_backtracks == 5
     assert len(problem.evaluated) == 5
     assert problem.value == 0.25
-
-
-def test_line_search_takes_full_step_when_it_qualifies() -> None:
-    problem = Quadratic(start=0.0, step=0.1)
-    result = backtracking_line_search(problem.evaluate, problem.restore, -1.0, target_kl=0.01)
-    assert result.success and result.step_fraction == 1.0 and result.n_backtracks == 0
 
 
 def test_line_search_rejects_non_finite_evaluations() -> None:
