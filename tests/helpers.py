@@ -1,22 +1,31 @@
-"""Small policies and dense linear algebra shared by the tests."""
+"""Small policies, models and settings shared by the tests, and references independent of the package (dense algebra, KL)."""
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
+import gymnasium as gym
 import numpy as np
 import torch as th
 from gymnasium import spaces
-from stable_baselines3.common.distributions import kl_divergence
+from stable_baselines3.common.distributions import Distribution
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import FlattenExtractor
+from torch import nn
 
-from sb3_trpo.common.policies import split_actor_critic
-from sb3_trpo.common.trust_region import unflatten
+from sb3_trpo import NPG, RecurrentTRPO
+from sb3_trpo.common.trust_region import flatten, unflatten
+from sb3_trpo.common.trust_region_algorithm import PolicyBatch, PolicyStepStats
+from sb3_trpo.trpo_mask.trpo_mask import MaskablePolicyBatch
+from sb3_trpo.trpo_recurrent.trpo_recurrent import RecurrentPolicyBatch
 
 T = TypeVar("T")
+Model = TypeVar("Model", bound=NPG)
+
+# Settings of a model that trains in a fraction of a second per update.
+SMALL: dict[str, Any] = dict(n_steps=64, batch_size=32, n_critic_updates=2, seed=0, policy_kwargs=dict(net_arch=[16]))
 
 OBSERVATION_SPACE = spaces.Box(-1.0, 1.0, (3,), dtype=np.float32)
 
@@ -27,6 +36,44 @@ ACTION_SPACES = {
     "multicategorical": (spaces.MultiDiscrete([3, 2]), False),
     "bernoulli": (spaces.MultiBinary(3), False),
 }
+
+
+class Reach(gym.Env):
+    """Continuous actions in two dimensions: the reward is minus the squared distance of the action to the observation."""
+
+    observation_space = spaces.Box(-1.0, 1.0, (2,), dtype=np.float32)
+    action_space = spaces.Box(-1.0, 1.0, (2,), dtype=np.float32)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.t = 0
+        self.target = self.observation_space.sample()
+        return self.target, {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        reward = -float(np.sum((np.clip(action, -1.0, 1.0) - self.target) ** 2))
+        self.t += 1
+        self.target = self.observation_space.sample()
+        return self.target, reward, False, self.t >= 20, {}
+
+
+def actor_vector(model: NPG) -> th.Tensor:
+    """A copy of the actor's parameters as one flat vector on the CPU."""
+    return parameter_vector(model.actor_parameters)
+
+
+def critic_vector(model: NPG) -> th.Tensor:
+    """A copy of the critic's parameters as one flat vector on the CPU."""
+    return parameter_vector(model.critic_parameters)
+
+
+def parameter_vector(parameters: Iterable[th.Tensor]) -> th.Tensor:
+    """A copy of ``parameters`` as one flat vector on the CPU (concatenation copies)."""
+    return flatten([p.detach().cpu() for p in parameters])
+
+
+def all_finite(model: NPG) -> bool:
+    return all(bool(th.isfinite(p).all()) for p in model.policy.parameters())
 
 
 class DoubleFlatten(FlattenExtractor):
@@ -78,27 +125,130 @@ def in_float64(build: Callable[[], T]) -> T:
         th.set_default_dtype(default)
 
 
+def tiny_double_model(algorithm: type[Model], env: gym.Env, fisher_vector_product: str = "analytic") -> Model:
+    """A model of ``algorithm`` with a few-unit policy (an LSTM one for RecurrentTRPO) that computes in float64."""
+    if issubclass(algorithm, RecurrentTRPO):
+        policy, network = "MlpLstmPolicy", dict(lstm_hidden_size=3, net_arch=[3])
+    else:
+        policy, network = "MlpPolicy", dict(net_arch=[4])
+    policy_kwargs = dict(features_extractor_class=DoubleFlatten, **network)
+    return in_float64(
+        lambda: algorithm(
+            policy, env, n_steps=8, fisher_vector_product=fisher_vector_product, policy_kwargs=policy_kwargs, seed=0
+        )
+    )
+
+
 def observations(n: int = 7, seed: int = 1) -> th.Tensor:
     generator = th.Generator().manual_seed(seed)
     return 2 * th.rand(n, 3, generator=generator, dtype=th.float64) - 1
 
 
-def dense_actor_hessian(policy: th.nn.Module, actor: list[th.nn.Parameter], scalar: Callable[[], th.Tensor]) -> th.Tensor:
-    """Explicit Hessian of ``scalar()`` over the ``actor`` parameters of ``policy``, at their current values."""
-    names = [name for name, p in policy.named_parameters() if any(p is a for a in actor)]
-    flat = th.cat([p.detach().reshape(-1) for p in actor])
+def dense_hessian(policy: nn.Module, parameters: list[nn.Parameter], scalar: Callable[[], th.Tensor]) -> th.Tensor:
+    """Explicit Hessian of ``scalar()`` (computed by ``policy``) over ``parameters``, at their current values."""
+    names = [name for name, p in policy.named_parameters() if any(p is q for q in parameters)]
+    flat = th.cat([p.detach().reshape(-1) for p in parameters])
 
     def of_vector(vector: th.Tensor) -> th.Tensor:
-        values = dict(zip(names, unflatten(vector, actor), strict=True))
+        values = dict(zip(names, unflatten(vector, parameters), strict=True))
         with th.nn.utils.stateless._reparametrize_module(policy, values):
             return scalar()
 
     return th.autograd.functional.hessian(of_vector, flat)
 
 
-def dense_kl_hessian(policy: ActorCriticPolicy, obs: th.Tensor) -> th.Tensor:
-    """Explicit Hessian of the mean KL(pi_old || pi) over the actor parameters, at pi = pi_old."""
-    actor, _ = split_actor_critic(policy)
-    with th.no_grad():
-        old = copy.copy(policy.get_distribution(obs))
-    return dense_actor_hessian(policy, actor, lambda: kl_divergence(old, policy.get_distribution(obs)).mean())
+# ---------------------------------------------------------------- KL by torch.distributions, update by update
+
+
+def policy_distribution(model: NPG, batch: PolicyBatch) -> Distribution:
+    """The model's policy on ``batch``, called through the policy's own API (masks, LSTM states)."""
+    if isinstance(batch, MaskablePolicyBatch):
+        return model.policy.get_distribution(batch.observations, action_masks=batch.action_masks)  # type: ignore[call-arg]
+    if isinstance(batch, RecurrentPolicyBatch):
+        distribution, _ = model.policy.get_distribution(batch.observations, batch.lstm_states, batch.episode_starts)  # type: ignore[call-arg]
+        return distribution
+    return model.policy.get_distribution(batch.observations)
+
+
+def torch_distributions(distribution: Distribution) -> list[th.distributions.Distribution]:
+    """The torch distributions inside an SB3 or sb3-contrib distribution (one per sub-space of a multi-categorical)."""
+    inner = getattr(distribution, "distributions", None) or distribution.distribution
+    return list(inner) if isinstance(inner, list) else [inner]
+
+
+def per_sample_kl(p: list[th.distributions.Distribution], q: list[th.distributions.Distribution]) -> th.Tensor:
+    """``KL(p || q)`` per sample by ``torch.distributions.kl_divergence``, weighted as the package constrains it.
+
+    A Gaussian's or a Bernoulli's KL is averaged over its action dimensions (as SB3's
+    ``kl_divergence(...).mean()`` weighs it); the KLs of the categoricals of a multi-categorical are summed.
+    """
+    total = th.zeros(())
+    for p_part, q_part in zip(p, q, strict=True):
+        kl = th.distributions.kl_divergence(p_part, q_part)
+        if isinstance(p_part, th.distributions.Normal | th.distributions.Bernoulli):
+            kl = kl.mean(dim=-1)
+        total = total + kl
+    return total
+
+
+def mean_kl(
+    p: list[th.distributions.Distribution], q: list[th.distributions.Distribution], rows: th.Tensor | None
+) -> th.Tensor:
+    """``KL(p || q)`` averaged over the samples ``rows`` selects (all when None)."""
+    per_sample = per_sample_kl(p, q)
+    return per_sample.mean() if rows is None else per_sample[rows].mean()
+
+
+@dataclass(frozen=True, kw_only=True)
+class RecordedUpdate:
+    """One update of a ``learn()`` run, measured from outside the package.
+
+    :param batch: the batch it was computed on
+    :param stats: what the package reports for it (and logs)
+    :param kl: ``KL(pi_new || pi_old)`` on the update's batch, by ``torch.distributions``
+    :param target_kl: the radius the update ran with
+    :param step: the change of the actor's parameters
+    :param fisher: the dense Hessian of the batch's mean KL at the old policy (when asked for)
+    """
+
+    batch: PolicyBatch
+    stats: PolicyStepStats
+    kl: float
+    target_kl: float
+    step: th.Tensor
+    fisher: th.Tensor | None
+
+
+def record_updates(model: NPG, dense_fisher: bool = False) -> list[RecordedUpdate]:
+    """Measure every policy update of ``model`` from now on (the list fills as it trains)."""
+    updates: list[RecordedUpdate] = []
+    policy_step = model._policy_step
+
+    def recorded(batch: PolicyBatch, update: int) -> PolicyStepStats:
+        with th.no_grad():
+            old = torch_distributions(policy_distribution(model, batch))
+        fisher = None
+        if dense_fisher:
+            fisher = dense_hessian(
+                model.policy,
+                model.actor_parameters,
+                lambda: mean_kl(old, torch_distributions(policy_distribution(model, batch)), batch.mask),
+            )
+        before = actor_vector(model)
+        stats = policy_step(batch, update)
+        with th.no_grad():
+            new = torch_distributions(policy_distribution(model, batch))
+        updates.append(
+            RecordedUpdate(
+                batch=batch,
+                stats=stats,
+                kl=float(mean_kl(new, old, batch.mask)),
+                target_kl=model.current_target_kl(),
+                step=actor_vector(model) - before,
+                fisher=fisher,
+            )
+        )
+        return stats
+
+    model._policy_step = recorded  # type: ignore[method-assign]
+    return updates

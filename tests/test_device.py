@@ -20,14 +20,11 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
 
 from sb3_trpo import NPG, TRPO, MaskableTRPO, RecurrentTRPO
-from sb3_trpo.common.trust_region import flatten
-from tests.test_algorithm import all_finite
+from tests.helpers import SMALL, actor_vector, all_finite, critic_vector
 from tests.test_parity import actor_steps
 from tests.test_recurrent import CueRecall
 
 pytestmark = pytest.mark.skipif(not th.cuda.is_available(), reason="needs a CUDA device")
-
-SMALL = dict(n_steps=128, batch_size=64, n_critic_updates=3, seed=0)
 
 CASES = [
     (TRPO, "MlpPolicy", lambda: gym.make("Pendulum-v1"), "analytic"),
@@ -39,12 +36,6 @@ CASES = [
     (RecurrentTRPO, "MlpLstmPolicy", lambda: gym.make("Pendulum-v1"), "double_backprop"),
     (RecurrentTRPO, "MlpLstmPolicy", lambda: CueRecall(), "double_backprop"),
 ]
-
-
-def parameters(model: NPG) -> tuple[th.Tensor, th.Tensor]:
-    actor = flatten([p.detach().cpu().clone() for p in model.actor_parameters])
-    critic = flatten([p.detach().cpu().clone() for p in model.critic_parameters])
-    return actor, critic
 
 
 @pytest.mark.parametrize(
@@ -68,14 +59,14 @@ def test_update_on_cuda_equals_update_on_cpu(
     on_cuda.rollout_buffer.device = on_cuda.device
     on_cuda.set_logger(configure(None, []))
 
-    before_actor, before_critic = parameters(on_cpu)
+    before_actor, before_critic = actor_vector(on_cpu), critic_vector(on_cpu)
     for model in (on_cpu, on_cuda):
         # The critic's minibatches and any sub-sampling draw from the global generators.
         np.random.seed(1)
         th.manual_seed(1)
         model.train()
-    cpu_actor, cpu_critic = parameters(on_cpu)
-    cuda_actor, cuda_critic = parameters(on_cuda)
+    cpu_actor, cpu_critic = actor_vector(on_cpu), critic_vector(on_cpu)
+    cuda_actor, cuda_critic = actor_vector(on_cuda), critic_vector(on_cuda)
     cpu_step = cpu_actor - before_actor
     assert float(cpu_step.norm()) > 1e-4, "the CPU update must move the actor"
     assert all_finite(on_cuda)
@@ -102,9 +93,9 @@ def test_weights_of_an_sb3_contrib_model_keep_training_on_cuda() -> None:
     reference = sb3_contrib.TRPO("MlpPolicy", "Pendulum-v1", device="cuda", **SMALL).learn(SMALL["n_steps"])
     ours = TRPO("MlpPolicy", "Pendulum-v1", device="cuda", **SMALL)
     ours.set_parameters(reference.get_parameters())
-    before = parameters(ours)[0]
+    before = actor_vector(ours)
     ours.learn(SMALL["n_steps"])
-    assert not th.equal(before, parameters(ours)[0])
+    assert not th.equal(before, actor_vector(ours))
     assert all_finite(ours)
 
 

@@ -22,7 +22,7 @@ from stable_baselines3.common.envs import IdentityEnv
 from sb3_trpo import MaskableTRPO
 from sb3_trpo.common.distributions import masked_categorical_kl
 from sb3_trpo.trpo_mask.trpo_mask import MaskablePolicyBatch
-from tests.helpers import DoubleFlatten, dense_actor_hessian, in_float64
+from tests.helpers import dense_hessian, tiny_double_model
 
 ENVS = {
     "discrete": lambda: InvalidActionEnvDiscrete(dim=5, n_invalid_actions=2),
@@ -49,20 +49,6 @@ def random_masks(sizes: list[int], n: int, generator: th.Generator) -> th.Tensor
         mask[th.arange(n), keep] = True
         parts.append(mask)
     return th.cat(parts, dim=1)
-
-
-def tiny_double_model(kind: str, method: str = "analytic") -> MaskableTRPO:
-    """A MaskableTRPO whose policy computes in float64, for the dense checks."""
-    return in_float64(
-        lambda: MaskableTRPO(
-            "MlpPolicy",
-            ENVS[kind](),
-            n_steps=8,
-            fisher_vector_product=method,
-            policy_kwargs=dict(net_arch=[4], features_extractor_class=DoubleFlatten),
-            seed=0,
-        )
-    )
 
 
 def masked_batch(model: MaskableTRPO, n: int = 6, seed: int = 1) -> MaskablePolicyBatch:
@@ -105,18 +91,19 @@ def reference_kl(model: MaskableTRPO, batch: MaskablePolicyBatch, masked: bool =
     return kl
 
 
-def dense_hessian(model: MaskableTRPO, observations: th.Tensor, kl) -> th.Tensor:
-    """Explicit Hessian of ``kl`` over the actor parameters, at the current ones."""
-    return dense_actor_hessian(model.policy, model.actor_parameters, lambda: kl(model.policy.get_distribution(observations)))
-
-
 @pytest.mark.parametrize("kind", sorted(ENVS))
 @pytest.mark.parametrize("method", ["analytic", "double_backprop"])
 def test_masked_fisher_vector_product_equals_dense_kl_hessian(kind: str, method: str) -> None:
-    model = tiny_double_model(kind, method)
+    model = tiny_double_model(MaskableTRPO, ENVS[kind](), method)
     batch = masked_batch(model)
-    hessian = dense_hessian(model, batch.observations, reference_kl(model, batch))
-    unmasked_hessian = dense_hessian(model, batch.observations, reference_kl(model, batch, masked=False))
+
+    def hessian_of(kl) -> th.Tensor:
+        return dense_hessian(
+            model.policy, model.actor_parameters, lambda: kl(model.policy.get_distribution(batch.observations))
+        )
+
+    hessian = hessian_of(reference_kl(model, batch))
+    unmasked_hessian = hessian_of(reference_kl(model, batch, masked=False))
 
     with th.no_grad():
         old = copy.copy(model._distribution(batch))
@@ -132,7 +119,7 @@ def test_masked_fisher_vector_product_equals_dense_kl_hessian(kind: str, method:
 
 @pytest.mark.parametrize("kind", sorted(ENVS))
 def test_masked_kl_equals_kl_over_valid_actions(kind: str) -> None:
-    model = tiny_double_model(kind)
+    model = tiny_double_model(MaskableTRPO, ENVS[kind]())
     batch = masked_batch(model)
     kl = reference_kl(model, batch)
     with th.no_grad():

@@ -11,7 +11,7 @@ import torch as th
 from stable_baselines3.common.logger import configure
 
 from sb3_trpo import TRPO
-from sb3_trpo.common.trust_region import flatten
+from tests.helpers import actor_vector, critic_vector, parameter_vector
 
 SETTINGS = dict(n_steps=256, batch_size=64, n_critic_updates=3, cg_max_steps=15, target_kl=0.01, seed=3)
 
@@ -31,18 +31,17 @@ def actor_steps(env_id: str, fisher: str, **overrides: object) -> tuple[th.Tenso
     ours.rollout_buffer = copy.deepcopy(reference.rollout_buffer)
     ours.set_logger(configure(None, []))
 
-    actor = [p for p in ours.actor_parameters]
-    names = [n for n, p in ours.policy.named_parameters() if any(p is a for a in actor)]
+    names = [n for n, p in ours.policy.named_parameters() if any(p is a for a in ours.actor_parameters)]
+    critic_names = [n for n, p in ours.policy.named_parameters() if any(p is c for c in ours.critic_parameters)]
     reference_params = dict(reference.policy.named_parameters())
-    before = flatten([p.detach().clone() for p in actor])
+    before = actor_vector(ours)
     np.random.seed(0)
     reference.train()
     np.random.seed(0)
     ours.train()
-    reference_step = flatten([reference_params[n].detach() for n in names]) - before
-    our_step = flatten([p.detach() for p in actor]) - before
-    critic_names = [n for n, p in ours.policy.named_parameters() if any(p is c for c in ours.critic_parameters)]
-    critic_gap = flatten([reference_params[n].detach() for n in critic_names]) - flatten(ours.critic_parameters)
+    reference_step = parameter_vector(reference_params[n] for n in names) - before
+    our_step = actor_vector(ours) - before
+    critic_gap = parameter_vector(reference_params[n] for n in critic_names) - critic_vector(ours)
     assert float(critic_gap.abs().max()) < 1e-5, "the critic fit must equal sb3-contrib's too"
     return reference_step, our_step, ours
 

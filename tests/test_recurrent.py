@@ -19,7 +19,7 @@ from stable_baselines3.common.logger import configure
 from sb3_trpo import TRPO, RecurrentTRPO
 from sb3_trpo.common.trust_region import flatten
 from sb3_trpo.trpo_recurrent.trpo_recurrent import RecurrentPolicyBatch
-from tests.helpers import DoubleFlatten, dense_actor_hessian, in_float64
+from tests.helpers import actor_vector, critic_vector, dense_hessian, tiny_double_model
 
 
 class CueRecall(gym.Env):
@@ -62,20 +62,6 @@ class DictCueRecall(CueRecall):
 
 
 ENVS = {"categorical": lambda: CueRecall(), "gaussian": lambda: gym.make("Pendulum-v1")}
-
-
-def tiny_double_model(kind: str, method: str = "analytic") -> RecurrentTRPO:
-    """A RecurrentTRPO whose LSTM policy computes in float64, for the dense checks."""
-    return in_float64(
-        lambda: RecurrentTRPO(
-            "MlpLstmPolicy",
-            ENVS[kind](),
-            n_steps=8,
-            policy_kwargs=dict(lstm_hidden_size=3, net_arch=[3], features_extractor_class=DoubleFlatten),
-            fisher_vector_product=method,
-            seed=0,
-        )
-    )
 
 
 # Three sequences padded to length 4: the second is one step shorter, the third two; each
@@ -132,17 +118,13 @@ def reference_mean_kl(model: RecurrentTRPO, batch: RecurrentPolicyBatch, zero_st
     return mean_kl
 
 
-def dense_hessian(model: RecurrentTRPO, mean_kl) -> th.Tensor:
-    return dense_actor_hessian(model.policy, model.actor_parameters, mean_kl)
-
-
 @pytest.mark.parametrize("kind", sorted(ENVS))
 @pytest.mark.parametrize("method", ["analytic", "double_backprop"])
 def test_fisher_vector_product_of_lstm_policy_equals_dense_kl_hessian(kind: str, method: str) -> None:
-    model = tiny_double_model(kind, method)
+    model = tiny_double_model(RecurrentTRPO, ENVS[kind](), method)
     batch = sequence_batch(model)
-    hessian = dense_hessian(model, reference_mean_kl(model, batch))
-    from_zero_states = dense_hessian(model, reference_mean_kl(model, batch, zero_states=True))
+    hessian = dense_hessian(model.policy, model.actor_parameters, reference_mean_kl(model, batch))
+    from_zero_states = dense_hessian(model.policy, model.actor_parameters, reference_mean_kl(model, batch, zero_states=True))
     with th.no_grad():
         old = copy.copy(model._distribution(batch))
     product = model._fisher_vector_product_fn(batch, model._distribution(batch), old)
@@ -162,7 +144,7 @@ def test_fisher_vector_product_of_lstm_policy_equals_dense_kl_hessian(kind: str,
 
 @pytest.mark.parametrize("kind", sorted(ENVS))
 def test_surrogate_and_kl_ignore_padding(kind: str) -> None:
-    model = tiny_double_model(kind)
+    model = tiny_double_model(RecurrentTRPO, ENVS[kind]())
     batch = sequence_batch(model)
     reference = reference_mean_kl(model, batch)
     with th.no_grad():
@@ -259,16 +241,15 @@ def test_critic_fit_on_sequences_moves_only_critic_parameters(lstm_options, crit
 
     collected(model)
     model.rollout_buffer.get(batch_size=None)  # flattens the buffer, as the actor step does first
-    actor_before = flatten([p.detach().clone() for p in model.actor_parameters])
-    critic_before = flatten([p.detach().clone() for p in model.critic_parameters])
+    actor_before, critic_before = actor_vector(model), critic_vector(model)
     model.n_critic_updates = 1
     first_loss = model._fit_critic(1)
     model.n_critic_updates = 20
     model._fit_critic(1)
     model.n_critic_updates = 1
     last_loss = model._fit_critic(1)
-    assert th.equal(flatten(model.actor_parameters), actor_before)
-    assert not th.equal(flatten(model.critic_parameters), critic_before)
+    assert th.equal(actor_vector(model), actor_before)
+    assert not th.equal(critic_vector(model), critic_before)
     print(f"critic loss {first_loss:.3f} -> {last_loss:.3f}")
     assert last_loss < 0.7 * first_loss
 
