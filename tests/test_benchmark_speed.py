@@ -17,7 +17,7 @@ RUN_LINE = re.compile(
 )
 
 
-def test_speed_benchmark_reports_both_implementations_and_their_ratio() -> None:
+def test_speed_benchmark_prints_a_line_per_run_and_a_summary_of_them() -> None:
     lines: list[str] = []
     summaries = run(["Pendulum-v1"], steps=2048, repetitions=1, compare="sb3_contrib", seed=0, emit=lines.append)
     runs = [RUN_LINE.match(line) for line in lines[:-1]]
