@@ -1,180 +1,435 @@
-"""The lean rollout fills the buffer exactly as SB3's ``OnPolicyAlgorithm.collect_rollouts`` does."""
+"""Our rollout leaves what SB3's ``OnPolicyAlgorithm.collect_rollouts`` leaves, bitwise where it drives the trajectory.
+
+Each case runs SB3's own ``collect_rollouts`` and ours on a model built from the same seed,
+with the same environment seeds and torch generator state, and compares everything the
+rollout leaves behind: actions, observations, rewards and episode starts to the bit; values,
+log-probabilities, advantages and returns (which our batched pass rounds differently) to a
+relative 1e-6 of the field's scale; the step counter, the last observation, the info buffer,
+the training mode and BatchNorm's running statistics.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback, StopTrainingOnMaxEpisodes
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import FakeImageEnv, IdentityEnvMultiBinary, IdentityEnvMultiDiscrete, SimpleMultiObsEnv
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy
-from stable_baselines3.common.vec_env import VecNormalize
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from stable_baselines3.common.utils import obs_as_tensor
+from stable_baselines3.common.vec_env import VecEnvWrapper, VecNormalize
 from torch import nn
 
 from sb3_trpo import TRPO
-from sb3_trpo.common.rollout import _numpy_gaussian_mlp, action_sampler
+from sb3_trpo.common.rollout import action_sampler, batched_rollout_sampler, gaussian_mlp_sampler
 
 SEED = 3
 
 
-def _identity(env_class):
+# ------------------------------------------------------------------ environments, policies, callbacks
+def _identity(env_class: type[gym.Env]) -> Callable[[], Any]:
     """Two of SB3's identity environments; they draw their states from their action space's generator."""
 
-    def make():
+    def make() -> gym.Env:
         env = env_class(3, ep_length=20)
         env.action_space.seed(0)
         return env
 
-    return make_vec_env(make, n_envs=2)
+    return lambda: make_vec_env(make, n_envs=2)
 
 
-def _rollout(model: TRPO, collect) -> RolloutBuffer:
-    _, callback = model._setup_learn(10**6, None)
+def _image_env(size: int) -> Callable[[], gym.Env]:
+    """uint8 images (which SB3 scales to [0, 1]), drawn from the observation space's generator."""
+
+    def make() -> gym.Env:
+        env = FakeImageEnv(screen_height=size, screen_width=size, discrete=False)
+        env.observation_space.seed(0)
+        return env
+
+    return make
+
+
+def _pendulum(n_envs: int = 2) -> Any:
+    return make_vec_env("Pendulum-v1", n_envs=n_envs, seed=0)
+
+
+class InfosOnlyAtEpisodeEnds(VecEnvWrapper):
+    """A VecEnv that returns an empty ``infos`` list on steps where no episode ends (SB3 indexes it only where done)."""
+
+    def reset(self) -> Any:
+        return self.venv.reset()
+
+    def step_wait(self) -> Any:
+        observations, rewards, dones, infos = self.venv.step_wait()
+        return observations, rewards, dones, infos if dones.any() else []
+
+
+class ShiftedValues(ActorCriticPolicy):
+    """A policy whose ``forward`` returns other values than ``predict_values``."""
+
+    def forward(self, obs: th.Tensor, deterministic: bool = False) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+        actions, values, log_prob = super().forward(obs, deterministic)
+        return actions, values + 1.0, log_prob
+
+
+class BatchNormDropout(BaseFeaturesExtractor):
+    """A features extractor with running statistics (BatchNorm) and random masks (Dropout) in train mode."""
+
+    def __init__(self, observation_space: spaces.Space, features_dim: int = 16):
+        super().__init__(observation_space, features_dim)
+        n_inputs = int(np.prod(observation_space.shape)) if observation_space.shape else int(observation_space.n)  # type: ignore[attr-defined]
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(n_inputs, features_dim), nn.BatchNorm1d(features_dim), nn.Tanh(), nn.Dropout(0.2))
+
+    def forward(self, observations: th.Tensor) -> th.Tensor:
+        return self.net(observations)
+
+
+class StopAt(BaseCallback):
+    """A user callback that stops training at its ``step``-th call."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step = step
+
+    def _on_step(self) -> bool:
+        return self.n_calls < self.step
+
+
+class EditWeightsAt(BaseCallback):
+    """A user callback that changes the actor's and the critic's weights at its ``step``-th call."""
+
+    def __init__(self, step: int):
+        super().__init__()
+        self.step = step
+
+    def _on_step(self) -> bool:
+        if self.n_calls == self.step:
+            policy = self.model.policy
+            policy.log_std.data.fill_(-1.0)  # type: ignore[operator]
+            parameters = self.model.get_parameters()
+            parameters["policy"]["value_net.bias"] += 3.0
+            self.model.set_parameters(parameters)
+        return True
+
+
+def _batch_norm_statistics(model: TRPO) -> list[th.Tensor]:
+    return [buffer.clone() for buffer in model.policy.buffers()]
+
+
+# ------------------------------------------------------------------ running both loops
+def _run(collect, case: dict) -> tuple[TRPO, bool, bool]:
+    """Build the case's model, run ``collect`` on it; the model, the value returned, whether the batched loop ran."""
+    np.random.seed(0)  # SimpleMultiObsEnv draws its images from numpy's global generator
+    model = TRPO(case.get("policy", "MlpPolicy"), case["env"](), seed=0, **case.get("options", {}))
+    case.get("prepare", lambda model: None)(model)
+    callback_fn = case.get("callback")
+    _, callback = model._setup_learn(10**6, None if callback_fn is None else callback_fn())
     callback.on_training_start(locals(), globals())
+    batched = batched_rollout_sampler(model.policy, model.rollout_buffer, callback) is not None
     th.manual_seed(SEED)
-    assert collect(model, model.env, callback, model.rollout_buffer, model.n_steps)
-    return model.rollout_buffer
+    returned = collect(model, model.env, callback, model.rollout_buffer, model.n_steps)
+    return model, returned, batched
 
 
-def _pair(env_fn, policy: str, **options) -> tuple[RolloutBuffer, RolloutBuffer]:
-    buffers = []
-    for collect in (TRPO.collect_rollouts, OnPolicyAlgorithm.collect_rollouts):
-        np.random.seed(0)  # SimpleMultiObsEnv draws its images from numpy's global generator
-        model = TRPO(policy, env_fn(), seed=0, **options)
-        buffers.append(_rollout(model, collect))
-    return buffers[0], buffers[1]
+EXACT = ("actions", "rewards", "episode_starts")
+ROUNDED = ("values", "log_probs", "advantages", "returns")
 
 
-def _fields(buffer: RolloutBuffer) -> dict[str, np.ndarray]:
-    fields = {
-        name: getattr(buffer, name)
-        for name in ("actions", "rewards", "episode_starts", "values", "log_probs", "advantages", "returns")
-    }
+def _observation_fields(buffer: RolloutBuffer) -> dict[str, np.ndarray]:
     observations = buffer.observations
-    for key, value in observations.items() if isinstance(observations, dict) else [("observations", observations)]:
-        fields[f"obs:{key}"] = value
-    return fields
+    return {f"obs:{key}": value for key, value in (observations.items() if isinstance(observations, dict) else [("", observations)])}
 
 
-def _image_env() -> FakeImageEnv:
-    """Small uint8 images (which SB3 scales to [0, 1]), drawn from the observation space's generator."""
-    env = FakeImageEnv(screen_height=8, screen_width=8, discrete=False)
-    env.observation_space.seed(0)
-    return env
+def _assert_same_rollout(ours: TRPO, sb3: TRPO) -> None:
+    a, b = ours.rollout_buffer, sb3.rollout_buffer
+    assert (a.pos, a.full) == (b.pos, b.full)
+    for name, value in {**{name: getattr(b, name) for name in EXACT}, **_observation_fields(b)}.items():
+        mine = _observation_fields(a)[name] if name.startswith("obs:") else getattr(a, name)
+        assert np.array_equal(mine, value), name
+    for name in ROUNDED:
+        expected = getattr(b, name)
+        scale = max(1.0, float(np.abs(expected).max()))
+        np.testing.assert_allclose(getattr(a, name), expected, rtol=1e-6, atol=1e-6 * scale, err_msg=name)
+    assert ours.num_timesteps == sb3.num_timesteps
+    last_ours, last_sb3 = ours._last_obs, sb3._last_obs
+    for key in last_sb3 if isinstance(last_sb3, dict) else [None]:
+        assert np.array_equal(last_ours if key is None else last_ours[key], last_sb3 if key is None else last_sb3[key])  # type: ignore[index]
+    assert np.array_equal(ours._last_episode_starts, sb3._last_episode_starts)  # type: ignore[arg-type]
+    # Monitor's episode records without their wall-clock time "t".
+    episodes = [[(info["r"], info["l"]) for info in model.ep_info_buffer] for model in (ours, sb3)]  # type: ignore[union-attr]
+    assert episodes[0] == episodes[1]
+    assert ours.policy.training is sb3.policy.training is False
+    assert all(th.equal(x, y) for x, y in zip(ours.policy.state_dict().values(), sb3.policy.state_dict().values(), strict=True))
 
 
-@pytest.mark.parametrize(
-    ("env_fn", "policy", "options"),
-    [
-        # Pendulum's 200-step time limit truncates episodes inside the 256-step rollout.
-        (lambda: VecNormalize(make_vec_env("Pendulum-v1", n_envs=2, seed=0)), "MlpPolicy", dict(n_steps=256)),
-        (lambda: make_vec_env("CartPole-v1", n_envs=2, seed=0), "MlpPolicy", dict(n_steps=128)),
-        (lambda: _identity(IdentityEnvMultiDiscrete), "MlpPolicy", dict(n_steps=64)),
-        (lambda: _identity(IdentityEnvMultiBinary), "MlpPolicy", dict(n_steps=64)),
-        (lambda: make_vec_env(lambda: SimpleMultiObsEnv(random_start=True), n_envs=2), "MultiInputPolicy", dict(n_steps=64)),
-        (
-            lambda: make_vec_env("Pendulum-v1", n_envs=2, seed=0),
-            "MlpPolicy",
-            dict(n_steps=256, use_sde=True, sde_sample_freq=8),
-        ),
-        (
-            lambda: make_vec_env("Pendulum-v1", n_envs=2, seed=0),
-            "MlpPolicy",
-            dict(n_steps=64, policy_kwargs=dict(share_features_extractor=False)),
-        ),
-        (
-            lambda: make_vec_env("Pendulum-v1", n_envs=2, seed=0),
-            "MlpPolicy",
-            dict(n_steps=64, policy_kwargs=dict(activation_fn=nn.ReLU, net_arch=[32, 16])),
-        ),
-        (
-            lambda: make_vec_env(_image_env, n_envs=2),
-            "MlpPolicy",
-            dict(n_steps=32),
-        ),
-    ],
-    ids=["gaussian-truncations", "categorical", "multicategorical", "bernoulli", "dict", "gsde", "unshared", "relu", "image"],
-)
-def test_rollout_fills_the_buffer_as_sb3_does(env_fn, policy: str, options: dict) -> None:
-    ours, sb3 = _pair(env_fn, policy, **options)
-    assert ours.pos == sb3.pos and ours.full and sb3.full
-    ours_fields, sb3_fields = _fields(ours), _fields(sb3)
-    # The NumPy copy of a Gaussian MLP actor rounds its mean differently in the last bit;
-    # everything else is drawn exactly as SB3 draws it.
-    for name in ("actions", "episode_starts", *(k for k in sb3_fields if k.startswith("obs:"))):
-        np.testing.assert_allclose(ours_fields[name], sb3_fields[name], rtol=1e-6, atol=1e-6, err_msg=name)
-    # Batched and per-step forward passes round differently in the last bits.
-    for name in ("rewards", "values", "log_probs", "advantages", "returns"):
-        np.testing.assert_allclose(ours_fields[name], sb3_fields[name], rtol=1e-5, atol=1e-5, err_msg=name)
+CASES: dict[str, dict] = {
+    # Pendulum's 200-step time limit truncates both episodes inside the 256-step rollout.
+    "box-vecnormalize-truncations": dict(env=lambda: VecNormalize(_pendulum()), options=dict(n_steps=256), batched=True),
+    "discrete": dict(env=lambda: make_vec_env("CartPole-v1", n_envs=2, seed=0), options=dict(n_steps=128), batched=True),
+    "multidiscrete": dict(env=_identity(IdentityEnvMultiDiscrete), options=dict(n_steps=64), batched=True),
+    "multibinary": dict(env=_identity(IdentityEnvMultiBinary), options=dict(n_steps=64), batched=True),
+    "dict": dict(
+        env=lambda: make_vec_env(lambda: SimpleMultiObsEnv(random_start=True), n_envs=2),
+        policy="MultiInputPolicy",
+        options=dict(n_steps=64),
+        batched=True,
+    ),
+    "cnn-images": dict(env=lambda: make_vec_env(_image_env(36), n_envs=2), policy="CnnPolicy", options=dict(n_steps=16), batched=True),
+    "mlp-images": dict(env=lambda: make_vec_env(_image_env(8), n_envs=2), options=dict(n_steps=32), batched=True),
+    "gsde": dict(env=_pendulum, options=dict(n_steps=256, use_sde=True, sde_sample_freq=8), batched=True),
+    "gsde-squash-output": dict(
+        env=_pendulum, options=dict(n_steps=64, use_sde=True, policy_kwargs=dict(squash_output=True)), batched=True
+    ),
+    "unshared-extractor": dict(env=_pendulum, options=dict(n_steps=64, policy_kwargs=dict(share_features_extractor=False)), batched=True),
+    "relu": dict(env=_pendulum, options=dict(n_steps=64, policy_kwargs=dict(activation_fn=nn.ReLU, net_arch=[32, 16])), batched=True),
+    "empty-infos": dict(env=lambda: InfosOnlyAtEpisodeEnds(_pendulum()), options=dict(n_steps=256), batched=True),
+    "overridden-forward": dict(env=_pendulum, policy=ShiftedValues, options=dict(n_steps=64), batched=False),
+    "forward-hook-on-policy": dict(
+        env=_pendulum,
+        options=dict(n_steps=64),
+        prepare=lambda model: model.policy.register_forward_hook(lambda module, inputs, output: None),
+        batched=False,
+    ),
+    "batchnorm-dropout": dict(
+        env=_pendulum, options=dict(n_steps=64, policy_kwargs=dict(features_extractor_class=BatchNormDropout)), batched=False
+    ),
+    "user-callback-stops": dict(env=_pendulum, options=dict(n_steps=64), callback=lambda: StopAt(10), batched=False),
+    # SB3's StopTrainingOnMaxEpisodes never changes the policy: the batched loop runs, and stops at the first episode end.
+    "sb3-callback-stops": dict(
+        env=lambda: make_vec_env("CartPole-v1", n_envs=2, seed=0),
+        options=dict(n_steps=128),
+        callback=lambda: StopTrainingOnMaxEpisodes(max_episodes=1),
+        batched=True,
+    ),
+    "user-callback-edits-weights": dict(env=_pendulum, options=dict(n_steps=64), callback=lambda: EditWeightsAt(20), batched=False),
+}
 
 
-def test_pendulum_case_holds_truncations() -> None:
-    """The Pendulum case above checks the truncation bootstraps only if its rollout holds some."""
-    model = TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), n_steps=256, seed=0)
-    buffer = _rollout(model, TRPO.collect_rollouts)
+@pytest.mark.parametrize("name", list(CASES))
+def test_rollout_leaves_what_sb3_leaves(name: str) -> None:
+    case = CASES[name]
+    ours, ours_returned, batched = _run(TRPO.collect_rollouts, case)
+    sb3, sb3_returned, _ = _run(OnPolicyAlgorithm.collect_rollouts, case)
+    assert batched is case["batched"]
+    assert ours_returned == sb3_returned
+    _assert_same_rollout(ours, sb3)
+
+
+def test_cases_hold_what_they_are_named_for() -> None:
+    """The truncation, empty-infos and stopping cases check those paths only if their rollouts hold them."""
+    model, returned, _ = _run(TRPO.collect_rollouts, CASES["box-vecnormalize-truncations"])
     # 200-step episodes: both environments were truncated after step 199 and restarted.
-    assert buffer.episode_starts[200].all() and buffer.episode_starts[1:200].sum() == 0
+    buffer = model.rollout_buffer
+    assert returned and buffer.episode_starts[200].all() and buffer.episode_starts[1:200].sum() == 0
+    model, returned, _ = _run(TRPO.collect_rollouts, CASES["sb3-callback-stops"])
+    assert not returned and 0 < model.rollout_buffer.pos < model.n_steps
+    assert np.all(model.rollout_buffer.values[: model.rollout_buffer.pos] != 0)
+    model, returned, _ = _run(TRPO.collect_rollouts, CASES["user-callback-stops"])
+    assert not returned and model.rollout_buffer.pos == 9
+    model, _, _ = _run(TRPO.collect_rollouts, CASES["overridden-forward"])
+    with th.no_grad():
+        values = model.policy.predict_values(obs_as_tensor(model.rollout_buffer.observations[:, 0], model.device))
+    assert np.allclose(model.rollout_buffer.values[:, 0], values.numpy().flatten() + 1.0, atol=1e-6)
 
 
-def test_actor_forward_hooks_are_honoured() -> None:
-    model = TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), n_steps=32, seed=0)
-    calls = []
-    handle = model.policy.action_net.register_forward_hook(lambda module, inputs, output: calls.append(output.shape))
+def test_callback_edits_take_effect_from_the_next_step() -> None:
+    case = CASES["user-callback-edits-weights"]
+    edited, _, _ = _run(TRPO.collect_rollouts, case)
+    unedited, _, _ = _run(TRPO.collect_rollouts, {**case, "callback": None})
+    same = np.all(edited.rollout_buffer.actions == unedited.rollout_buffer.actions, axis=(1, 2))
+    # The 20th call follows the 20th step (row 19); the actions of row 20 on are drawn with std exp(-1).
+    assert same[:20].all() and not same[20:].any()
+
+
+def test_batch_norm_statistics_are_left_to_train() -> None:
+    case = CASES["batchnorm-dropout"]
+    np.random.seed(0)
+    model = TRPO("MlpPolicy", case["env"](), seed=0, **case["options"])
+    initial = _batch_norm_statistics(model)
+    assert th.equal(initial[0], th.zeros(16)) and th.equal(initial[1], th.ones(16)) and initial[2] == 0
+    model.learn(64)
+    # The rollout ran in eval mode, the update in train mode: the statistics moved only there.
+    assert model.policy.training
+    trained = _batch_norm_statistics(model)
+    assert not th.equal(trained[0], initial[0]) and trained[2] > 0
+    _, callback = model._setup_learn(64, None, reset_num_timesteps=False)
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+    assert not model.policy.training
+    assert all(th.equal(x, y) for x, y in zip(_batch_norm_statistics(model), trained, strict=True))
+
+
+# ------------------------------------------------------------------ which loop runs
+def _pendulum_model(**options: Any) -> TRPO:
+    return TRPO("MlpPolicy", "Pendulum-v1", n_steps=64, seed=0, **options)
+
+
+def _override(method: str) -> type[ActorCriticPolicy]:
+    original = getattr(ActorCriticPolicy, method)
+    return type(f"Overrides_{method}", (ActorCriticPolicy,), {method: lambda self, *args, **kwargs: original(self, *args, **kwargs)})
+
+
+SB3_LOOP = {
+    **{
+        f"overrides {method}": lambda method=method: TRPO(_override(method), "Pendulum-v1", n_steps=64, seed=0)
+        for method in (
+            "forward",
+            "extract_features",
+            "predict_values",
+            "get_distribution",
+            "_get_action_dist_from_latent",
+            "evaluate_actions",
+        )
+    },
+    "hook on the policy": lambda: _hooked(lambda model: model.policy.register_forward_pre_hook(lambda *_: None)),
+    "hook on a container": lambda: _hooked(lambda model: model.policy.mlp_extractor.register_forward_hook(lambda *_: None)),
+    "hook on a layer": lambda: _hooked(lambda model: model.policy.action_net.register_forward_pre_hook(lambda *_: None)),
+    "backward hook": lambda: _hooked(lambda model: model.policy.value_net.register_full_backward_hook(lambda *_: None)),
+    "compiled module": lambda: _hooked(_compile),
+    "unknown module": lambda: _pendulum_model(policy_kwargs=dict(features_extractor_class=BatchNormDropout)),
+    "unknown activation": lambda: _pendulum_model(policy_kwargs=dict(activation_fn=nn.Hardswish)),
+}
+
+
+def _compile(model: TRPO) -> None:
+    # Importing torch's compiler turns off the argument checks of every torch distribution, for good.
+    validate = th.distributions.Distribution._validate_args
+    model.policy.mlp_extractor.compile()
+    th.distributions.Distribution.set_default_validate_args(validate)
+
+
+def _hooked(add: Callable[[TRPO], Any]) -> TRPO:
+    model = _pendulum_model()
+    add(model)
+    return model
+
+
+@pytest.mark.parametrize("name", list(SB3_LOOP))
+def test_policies_not_recognised_exactly_run_sb3_loop(name: str) -> None:
+    model = SB3_LOOP[name]()
+    _, callback = model._setup_learn(64, None)
+    assert batched_rollout_sampler(model.policy, model.rollout_buffer, callback) is None
+    assert batched_rollout_sampler(_pendulum_model().policy, model.rollout_buffer, callback) is not None
+
+
+def test_global_hook_runs_sb3_loop() -> None:
+    model = _pendulum_model()
+    _, callback = model._setup_learn(64, None)
+    handle = nn.modules.module.register_module_forward_hook(lambda *_: None)
     try:
-        _rollout(model, TRPO.collect_rollouts)
+        assert batched_rollout_sampler(model.policy, model.rollout_buffer, callback) is None
     finally:
         handle.remove()
-    # One call per step, plus the batched pass over the buffer for log-probabilities.
-    assert calls.count(th.Size([2, 1])) == 32
+    assert batched_rollout_sampler(model.policy, model.rollout_buffer, callback) is not None
 
 
-@pytest.mark.parametrize("n_observations", [5, 40])  # torch draws blocks of 16 normals differently
-def test_sampler_draws_sb3_policy_actions(n_observations: int) -> None:
-    model = TRPO("MlpPolicy", "Pendulum-v1", seed=0)
-    observations = th.randn(n_observations, 3)
-    sample = action_sampler(model.policy, model.action_space.shape)
-    th.manual_seed(7)
+class SubclassedBuffer(RolloutBuffer):
+    pass
+
+
+def test_only_callbacks_known_not_to_change_the_policy_and_sb3_buffers_run_the_batched_loop() -> None:
+    model = _pendulum_model()
+    eval_env = _pendulum(1)
+    neutral = [None, [], EvalCallback(eval_env, callback_on_new_best=StopTrainingOnMaxEpisodes(3)), CallbackList([])]
+    for callback in neutral:
+        _, built = model._setup_learn(64, callback, progress_bar=False)
+        assert batched_rollout_sampler(model.policy, model.rollout_buffer, built) is not None, callback
+    for callback in [StopAt(5), lambda _locals, _globals: True, EvalCallback(eval_env, callback_on_new_best=StopAt(3))]:
+        _, built = model._setup_learn(64, callback)
+        assert batched_rollout_sampler(model.policy, model.rollout_buffer, built) is None, callback
+    _, built = model._setup_learn(64, None)
+    other = SubclassedBuffer(64, model.observation_space, model.action_space, n_envs=1)  # type: ignore[arg-type]
+    assert batched_rollout_sampler(model.policy, other, built) is None
+
+
+# ------------------------------------------------------------------ the per-step sampler
+def _forward_actions(policy: ActorCriticPolicy, observations: np.ndarray, seed: int) -> np.ndarray:
+    th.manual_seed(seed)
     with th.no_grad():
-        expected, _, _ = model.policy(observations)
-    th.manual_seed(7)
-    actions = sample(observations.numpy())
-    # Other draws would differ by about std (1 here); float32 rounding of the mean by 1e-7.
-    np.testing.assert_allclose(actions, expected.numpy(), rtol=0, atol=1e-6)
+        actions, _, _ = policy(obs_as_tensor(observations, policy.device))
+    return actions.cpu().numpy()
+
+
+def _sampled(policy: ActorCriticPolicy, observations: np.ndarray, seed: int) -> np.ndarray:
+    th.manual_seed(seed)
+    return action_sampler(policy)(observations)
+
+
+POLICIES = {
+    "tanh": dict(),
+    "relu-matrix-actions": dict(activation_fn=nn.ReLU, net_arch=[32, 16]),
+    "unshared": dict(share_features_extractor=False),
+}
+
+
+@pytest.mark.parametrize("name", list(POLICIES))
+@pytest.mark.parametrize("n_observations", [1, 2, 3, 15, 16, 17, 64])  # torch draws normals in blocks of 16
+def test_gaussian_mlp_sampler_draws_the_bits_policy_forward_draws(name: str, n_observations: int) -> None:
+    action_shape = (2, 3) if "matrix" in name else (6,)
+    observation_space = spaces.Box(-np.inf, np.inf, (17,), dtype=np.float64)
+    action_space = spaces.Box(-1.0, 1.0, action_shape, dtype=np.float32)
+    th.manual_seed(0)
+    policy = ActorCriticPolicy(observation_space, action_space, lambda _: 1e-3, **POLICIES[name])
+    assert gaussian_mlp_sampler(policy) is not None
+    generator = np.random.default_rng(n_observations)
+    for trial in range(10):
+        with th.no_grad():
+            policy.log_std.normal_()  # type: ignore[operator]
+        observations = generator.normal(size=(n_observations, 17)) * generator.uniform(0.01, 100.0)
+        expected = _forward_actions(policy, observations, trial)
+        actions = _sampled(policy, observations, trial)
+        assert actions.shape == (n_observations, *action_shape)
+        assert np.array_equal(actions, expected.reshape(actions.shape))
 
 
 @pytest.mark.parametrize(
-    ("policy_kwargs", "numpy_path"),
-    [
-        ({}, True),
-        (dict(activation_fn=nn.ReLU), True),
-        (dict(share_features_extractor=False), True),
-        (dict(activation_fn=nn.ELU), False),
-        (dict(use_expln=True), True),  # only used with gSDE
-    ],
+    ("env_id", "options"),
+    [("CartPole-v1", {}), ("Pendulum-v1", dict(use_sde=True)), ("Pendulum-v1", dict(use_sde=True, policy_kwargs=dict(squash_output=True)))],
+    ids=["categorical", "gsde", "gsde-squash-output"],
 )
-def test_numpy_actor_is_used_exactly_for_sb3_mlp_gaussian_actors(policy_kwargs: dict, numpy_path: bool) -> None:
-    model = TRPO("MlpPolicy", "Pendulum-v1", policy_kwargs=policy_kwargs, seed=0)
-    assert (_numpy_gaussian_mlp(model.policy) is not None) is numpy_path
-    handle = model.policy.mlp_extractor.policy_net[0].register_forward_pre_hook(lambda module, inputs: None)
-    assert _numpy_gaussian_mlp(model.policy) is None
-    handle.remove()
-    assert _numpy_gaussian_mlp(TRPO("MlpPolicy", "Pendulum-v1", use_sde=True).policy) is None
-    assert _numpy_gaussian_mlp(TRPO("MlpPolicy", "CartPole-v1").policy) is None
+def test_distribution_sampler_draws_the_bits_policy_forward_draws(env_id: str, options: dict) -> None:
+    model = TRPO("MlpPolicy", env_id, seed=0, **options)
+    assert gaussian_mlp_sampler(model.policy) is None
+    observations = np.stack([model.observation_space.sample() for _ in range(5)])
+    assert np.array_equal(_sampled(model.policy, observations, 1), _forward_actions(model.policy, observations, 1))
 
 
-def test_sampler_gives_actions_in_the_shape_of_a_matrix_action_space() -> None:
-    observation_space = spaces.Box(-1.0, 1.0, (3,), dtype=np.float32)
-    action_space = spaces.Box(-1.0, 1.0, (2, 2), dtype=np.float32)
-    policy = ActorCriticPolicy(observation_space, action_space, lambda _: 1e-3)
-    assert _numpy_gaussian_mlp(policy) is not None
-    observations = th.randn(5, 3)
-    th.manual_seed(7)
+def test_gaussian_mlp_sampler_reads_the_weights_at_every_step() -> None:
+    model = _pendulum_model()
+    policy = model.policy
+    sample = action_sampler(policy)
+    observations = np.stack([model.observation_space.sample() for _ in range(4)])
+    edits = [
+        lambda: policy.log_std.data.fill_(-2.0),  # type: ignore[operator]
+        lambda: policy.action_net.weight.data.mul_(3.0),
+        lambda: setattr(policy.mlp_extractor.policy_net[0].bias, "data", th.ones(64)),
+        lambda: policy.load_state_dict({k: v + 0.5 for k, v in policy.state_dict().items()}),
+    ]
+    for edit in edits:
+        before = _sampled(policy, observations, 2)
+        with th.no_grad():
+            edit()
+        th.manual_seed(2)
+        actions = sample(observations)
+        assert not np.array_equal(actions, before)
+        assert np.array_equal(actions, _forward_actions(policy, observations, 2))
+
+
+def test_nan_mean_raises_sb3_error() -> None:
+    model = _pendulum_model()
     with th.no_grad():
-        expected, _, _ = policy(observations)
-    th.manual_seed(7)
-    actions = action_sampler(policy, action_space.shape)(observations.numpy())
-    assert actions.shape == (5, 2, 2)
-    np.testing.assert_allclose(actions, expected.reshape(5, 2, 2).numpy(), rtol=0, atol=1e-6)
+        model.policy.action_net.bias.fill_(float("nan"))
+    observations = np.zeros((2, 3), dtype=np.float32)
+    with pytest.raises(ValueError, match="Expected parameter loc") as sb3_error, th.no_grad():
+        model.policy(obs_as_tensor(observations, model.device))
+    with pytest.raises(ValueError, match="Expected parameter loc") as our_error:
+        action_sampler(model.policy)(observations)
+    assert str(our_error.value) == str(sb3_error.value)

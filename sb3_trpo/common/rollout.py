@@ -1,13 +1,23 @@
-"""Rollout collection with one batched critic and log-probability pass after the rollout.
+"""Rollout collection: SB3's own loop, and a faster one where it provably computes what SB3 computes.
 
-The policy does not change during a rollout, so the values and log-probabilities that
-SB3 computes step by step can be computed once for the whole buffer afterwards; so can
-the bootstrap values of truncated episodes. Per step only the action is sampled, with
-the same random draws as SB3's ``policy.forward``.
+SB3's ``OnPolicyAlgorithm.collect_rollouts`` runs the whole policy, actor and critic, at every
+step. The faster loop, :func:`collect_rollout`, draws only the actions per step, bitwise as
+``policy.forward`` draws them, and computes the values and log-probabilities of the whole
+rollout in one batched pass afterwards. That pass rounds differently from SB3's per-step
+passes (relative differences of about 1e-7); everything that drives the trajectory (actions,
+observations, rewards, episode starts) is SB3's to the bit, and so are the rewards with the
+bootstrap values of time-limit truncations, which are computed one observation at a time as
+SB3 computes them.
+
+The batched pass equals the per-step ones only if the policy does not change during the
+rollout and computes what SB3's ``ActorCriticPolicy`` computes. So the faster loop runs only
+where :func:`batched_rollout_sampler` recognises the policy, the buffer and the callback
+exactly; everything else runs SB3's own loop.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,13 +25,20 @@ from typing import Any
 import numpy as np
 import torch as th
 from gymnasium import spaces
-from stable_baselines3.common.buffers import RolloutBuffer
+from stable_baselines3.common import callbacks as sb3_callbacks
+from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.distributions import DiagGaussianDistribution
+from stable_baselines3.common.distributions import (
+    BernoulliDistribution,
+    CategoricalDistribution,
+    DiagGaussianDistribution,
+    MultiCategoricalDistribution,
+    StateDependentNoiseDistribution,
+)
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.preprocessing import is_image_space
-from stable_baselines3.common.torch_layers import FlattenExtractor, MlpExtractor
+from stable_baselines3.common.torch_layers import CombinedExtractor, FlattenExtractor, MlpExtractor, NatureCNN
 from stable_baselines3.common.type_aliases import PyTorchObs
 from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
@@ -29,125 +46,226 @@ from torch import nn
 
 from sb3_trpo.common.validation import check_finite, observation_arrays
 
-ActionSampler = Callable[[np.ndarray | dict[str, np.ndarray]], np.ndarray]
+Observations = np.ndarray | dict[str, np.ndarray]
+ActionSampler = Callable[[Observations], np.ndarray]
+
+# The methods through which SB3's rollout and our batched pass run the policy: an override of
+# any of them computes something the batched pass cannot be proven to compute.
+POLICY_METHODS = (
+    "forward",
+    "extract_features",
+    "predict_values",
+    "get_distribution",
+    "_get_action_dist_from_latent",
+    "evaluate_actions",
+)
+KNOWN_DISTRIBUTIONS = (
+    DiagGaussianDistribution,
+    StateDependentNoiseDistribution,
+    CategoricalDistribution,
+    MultiCategoricalDistribution,
+    BernoulliDistribution,
+)
+# Modules whose forward is SB3's or torch's own, computes each observation of a batch on its
+# own (a batch of many rounds as a batch of one, up to float rounding), keeps no state and draws
+# no random numbers. BatchNorm and Dropout are not among them: their policies run SB3's loop.
+KNOWN_MODULES = frozenset(
+    {
+        FlattenExtractor,
+        NatureCNN,
+        CombinedExtractor,
+        MlpExtractor,
+        nn.Sequential,
+        nn.ModuleDict,
+        nn.Flatten,
+        nn.Identity,
+        nn.Linear,
+        nn.Conv2d,
+        nn.Tanh,
+        nn.ReLU,
+        nn.LeakyReLU,
+        nn.ELU,
+        nn.SELU,
+        nn.CELU,
+        nn.GELU,
+        nn.SiLU,
+        nn.Mish,
+        nn.Sigmoid,
+        nn.Softplus,
+        nn.Softsign,
+        nn.Hardtanh,
+        nn.ReLU6,
+    }
+)
+# SB3's callbacks that never change the policy (they read the rollout's locals, evaluate with
+# ``predict``, save, log or stop training); any other callback may, and runs with SB3's loop.
+WEIGHT_NEUTRAL_CALLBACKS = frozenset(
+    {
+        sb3_callbacks.CallbackList,
+        sb3_callbacks.EveryNTimesteps,
+        sb3_callbacks.EvalCallback,
+        sb3_callbacks.CheckpointCallback,
+        sb3_callbacks.StopTrainingOnRewardThreshold,
+        sb3_callbacks.StopTrainingOnMaxEpisodes,
+        sb3_callbacks.StopTrainingOnNoModelImprovement,
+        sb3_callbacks.ProgressBarCallback,
+    }
+)
+# rl-zoo3's, when it is loaded (``python -m rl_zoo3.train`` adds them to every run).
+ZOO_WEIGHT_NEUTRAL_CALLBACKS = ("SaveVecNormalizeCallback", "TrialEvalCallback", "RawStatisticsCallback")
 
 
-@dataclass
-class TruncationBootstraps:
-    """Episodes cut by a time limit: where they ended and their last observation."""
+# ------------------------------------------------------------------ what the faster loop recognises
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or getattr(module, "_compiled_call_impl", None) is not None
+    )
 
-    positions: list[tuple[int, int]] = field(default_factory=list)
-    observations: list[np.ndarray | dict[str, np.ndarray]] = field(default_factory=list)
 
-    def record(self, position: int, env_index: int, observation: np.ndarray | dict[str, np.ndarray]) -> None:
-        self.positions.append((position, env_index))
-        self.observations.append(observation)
+def _global_hooks() -> bool:
+    registry = nn.modules.module
+    return bool(
+        registry._global_forward_hooks
+        or registry._global_forward_pre_hooks
+        or registry._global_backward_hooks
+        or registry._global_backward_pre_hooks
+    )
 
 
-def action_sampler(policy: BasePolicy, action_shape: tuple[int, ...]) -> ActionSampler:
-    """One stochastic action per observation, drawn as SB3's ``ActorCriticPolicy.forward`` draws it.
+def recognised_policy(policy: BasePolicy) -> bool:
+    """Whether ``policy`` is SB3's ``ActorCriticPolicy`` computation exactly.
 
-    Built once per rollout: the policy does not change during one. SB3's own Gaussian MLP
-    actor (flattened non-image Box observations, ``Linear``/``Tanh``/``ReLU`` layers) is evaluated
-    in NumPy on a copy of its weights, because at a batch of a few observations torch's
-    per-operation overhead is most of the cost. Its noise is drawn from torch's generator
-    as ``Normal(mean, std).sample()`` draws it (``randn * std + mean``, float32): the same
-    random numbers, and actions equal to SB3's up to float32 rounding of the mean.
-    Any other policy samples from its distribution.
+    That is: none of :data:`POLICY_METHODS` overridden, a distribution of
+    :data:`KNOWN_DISTRIBUTIONS`, every submodule of a type in :data:`KNOWN_MODULES`, and no
+    hook (forward, backward, global) or ``compile()`` anywhere in the module tree.
     """
-    mlp = _numpy_gaussian_mlp(policy)
-    if mlp is None:
-
-        def sample_distribution(observations: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
-            with th.inference_mode():
-                distribution = policy.get_distribution(obs_as_tensor(observations, policy.device))  # type: ignore[operator]
-                actions = distribution.get_actions().cpu().numpy()
-            return actions.reshape((-1, *action_shape))
-
-        return sample_distribution
-
-    layers, std = mlp
-
-    # Refilled in place each step: the same draws as th.randn, without a new tensor per step.
-    noise = th.empty(0, dtype=th.float32)
-
-    def sample_gaussian(observations: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
-        nonlocal noise
-        mean = np.asarray(observations, dtype=np.float32)
-        mean = mean.reshape(len(mean), -1)
-        for layer in layers:
-            mean = layer(mean)
-        if noise.shape != mean.shape:
-            noise = th.empty(mean.shape, dtype=th.float32)
-        return (noise.normal_().numpy() * std + mean).reshape((-1, *action_shape))
-
-    return sample_gaussian
-
-
-NumpyLayer = Callable[[np.ndarray], np.ndarray]
-
-
-def _numpy_gaussian_mlp(policy: BasePolicy) -> tuple[list[NumpyLayer], np.ndarray] | None:
-    """SB3's own Gaussian MLP actor as NumPy layers and standard deviation, or None for any other actor.
-
-    SB3's ``get_distribution`` is the features extractor, the ``MlpExtractor``'s policy
-    network (a plain ``nn.Sequential``) and the action head in turn; the copy is exact
-    only while no forward hook could change what they compute.
-    """
-    cls: Any = type(policy)
-    if not (
+    cls = type(policy)
+    return (
         isinstance(policy, ActorCriticPolicy)
-        and type(policy.action_dist) is DiagGaussianDistribution
-        and cls.get_distribution is ActorCriticPolicy.get_distribution
-        and cls._get_action_dist_from_latent is ActorCriticPolicy._get_action_dist_from_latent
+        and all(getattr(cls, name) is getattr(ActorCriticPolicy, name) for name in POLICY_METHODS)
+        and type(policy.action_dist) in KNOWN_DISTRIBUTIONS
+        and all(type(module) in KNOWN_MODULES for module in policy.modules() if module is not policy)
+        and not any(_has_hooks(module) for module in policy.modules())
+        and not _global_hooks()
+    )
+
+
+def weight_neutral(callback: BaseCallback) -> bool:
+    """Whether ``callback`` and every callback it calls are of a type known never to change the policy.
+
+    ``learn(callback=None)`` runs an empty ``ConvertCallback``, which calls nothing.
+    """
+    if type(callback) is sb3_callbacks.ConvertCallback:
+        return callback.callback is None
+    neutral = set(WEIGHT_NEUTRAL_CALLBACKS)
+    zoo = sys.modules.get("rl_zoo3.callbacks")
+    if zoo is not None:
+        neutral.update(getattr(zoo, name) for name in ZOO_WEIGHT_NEUTRAL_CALLBACKS if hasattr(zoo, name))
+    if type(callback) not in neutral:
+        return False
+    children = [*getattr(callback, "callbacks", []), getattr(callback, "callback", None)]
+    children.append(getattr(callback, "callback_on_new_best", None))
+    return all(child is None or weight_neutral(child) for child in children)
+
+
+def batched_rollout_sampler(policy: BasePolicy, buffer: RolloutBuffer, callback: BaseCallback) -> ActionSampler | None:
+    """The per-step action sampler of the batched loop, or None where SB3's loop must run.
+
+    The batched loop needs a :func:`recognised_policy`, SB3's own ``RolloutBuffer`` or
+    ``DictRolloutBuffer`` (their ``add`` and ``compute_returns_and_advantage``), and a
+    :func:`weight_neutral` callback: then nothing that runs during the rollout changes the
+    policy, and the batched pass sees the weights every step saw.
+    """
+    if type(buffer) not in (RolloutBuffer, DictRolloutBuffer) or not weight_neutral(callback):
+        return None
+    if not recognised_policy(policy):
+        return None
+    return action_sampler(policy)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ actions, bitwise as SB3 draws them
+def action_sampler(policy: ActorCriticPolicy) -> ActionSampler:
+    """One stochastic action per observation, bitwise as SB3's ``policy.forward`` draws it.
+
+    ``forward`` computes the values before the distribution, but the critic draws no random
+    numbers, so the actor alone draws the same actions: ``get_distribution`` then
+    ``get_actions``, under ``no_grad``, from the same observation tensor. A Gaussian MLP actor
+    takes :func:`gaussian_mlp_sampler`, the same computation without its Python overhead.
+    """
+    sampler = gaussian_mlp_sampler(policy)
+    if sampler is not None:
+        return sampler
+    shape = (-1, *policy.action_space.shape)  # type: ignore[misc]
+
+    def sample(observations: Observations) -> np.ndarray:
+        with th.no_grad():
+            distribution = policy.get_distribution(obs_as_tensor(observations, policy.device))
+            actions = distribution.get_actions().reshape(shape)
+        return actions.cpu().numpy()
+
+    return sample
+
+
+def gaussian_mlp_sampler(policy: ActorCriticPolicy) -> ActionSampler | None:
+    """SB3's Gaussian MLP actor without module calls and distribution objects, or None for other actors.
+
+    For flat (non-image) Box observations, a ``FlattenExtractor`` and a Gaussian head, SB3's
+    ``get_distribution(obs).get_actions()`` is ``obs.float()``, the flatten, each layer of
+    ``mlp_extractor.policy_net`` and ``action_net``, then ``Normal(mean, ones * log_std.exp())``
+    sampled by ``th.normal(mean, std)``. Here each module's own ``forward`` runs on the same
+    tensors (what ``module(x)`` runs when no hook is registered, which
+    :func:`recognised_policy` checks), reading the parameters at every step, and ``th.normal``
+    draws from the same generator with the same shapes: the same kernels on the same inputs,
+    so the same bits, at less than half the per-step cost.
+
+    ``Normal`` refuses a NaN mean or a standard deviation that is not positive; a draw that
+    shows either is re-checked by SB3's own ``get_distribution``, which raises as SB3 would.
+    """
+    if not (
+        type(policy.action_dist) is DiagGaussianDistribution
         and isinstance(policy.observation_space, spaces.Box)
-        # SB3 scales image observations to [0, 1] before the extractor; only plain float casts are copied.
         and not (policy.normalize_images and is_image_space(policy.observation_space))
         and type(policy.pi_features_extractor) is FlattenExtractor
-        and type(policy.mlp_extractor).forward_actor is MlpExtractor.forward_actor
         and type(policy.mlp_extractor.policy_net) is nn.Sequential
     ):
         return None
-    modules = [policy.pi_features_extractor, *policy.mlp_extractor.policy_net, policy.action_net]
-    hooks = nn.modules.module
-    if any(module._forward_hooks or module._forward_pre_hooks for module in modules) or (
-        hooks._global_forward_hooks or hooks._global_forward_pre_hooks
-    ):
-        return None
-    layers = []
-    for module in modules[1:]:
-        layer = _numpy_layer(module)
-        if layer is None:
-            return None
-        layers.append(layer)
-    with th.no_grad():
-        std = policy.log_std.exp().float().cpu().numpy()
-    return layers, std
+    flatten = policy.pi_features_extractor.flatten
+    layers = [*policy.mlp_extractor.policy_net, policy.action_net]
+    device = policy.device
+    shape = (-1, *policy.action_space.shape)  # type: ignore[misc]
+
+    def sample(observations: Observations) -> np.ndarray:
+        with th.no_grad():
+            latent = flatten.forward(obs_as_tensor(observations, device).float())
+            for layer in layers:
+                latent = layer.forward(latent)
+            std = policy.log_std.exp()
+            actions = th.normal(latent, std)
+        drawn, std_drawn = actions.cpu().numpy(), std.cpu().numpy()
+        if np.isnan(drawn.sum()) or not std_drawn.min() > 0:
+            with th.no_grad():
+                policy.get_distribution(obs_as_tensor(observations, device))
+        return drawn.reshape(shape)
+
+    return sample
 
 
-def _numpy_layer(module: nn.Module) -> NumpyLayer | None:
-    if type(module) is nn.Tanh:
-        return np.tanh
-    if type(module) is nn.ReLU:
-        return lambda x: np.maximum(x, np.float32(0.0))
-    if type(module) is nn.Linear and module.weight.dtype == th.float32:
-        weight = module.weight.detach().cpu().numpy().T.copy()
-        bias = np.zeros(weight.shape[1], np.float32) if module.bias is None else module.bias.detach().cpu().numpy().copy()
-        return lambda x: x @ weight + bias
-    return None
-
-
+# ------------------------------------------------------------------ the buffer
 def add_transition(
     buffer: RolloutBuffer,
-    observations: np.ndarray | dict[str, np.ndarray],
+    observations: Observations,
     actions: np.ndarray,
     rewards: np.ndarray,
     episode_starts: np.ndarray,
 ) -> None:
     """``buffer.add`` without the value and log-probability (filled in after the rollout).
 
-    SB3's own ``RolloutBuffer`` is written directly, as its ``add`` writes it; any other
-    buffer class goes through its ``add`` with placeholders.
+    SB3's ``RolloutBuffer`` is written directly, as its ``add`` writes it; a
+    ``DictRolloutBuffer`` goes through its ``add`` with placeholders.
     """
     if type(buffer) is not RolloutBuffer:
         placeholder = th.zeros(buffer.n_envs)
@@ -162,18 +280,43 @@ def add_transition(
     buffer.full = buffer.pos == buffer.buffer_size
 
 
-def _flat_observations(buffer: RolloutBuffer, device: th.device) -> PyTorchObs:
+@dataclass
+class TruncationBootstraps:
+    """Steps where a time limit cut an episode, kept until the critic can be evaluated.
+
+    SB3 adds ``gamma * V(terminal observation)`` to the step's reward, evaluating one
+    observation at a time; :meth:`add_to` does the same, with the same expression on a copy
+    of the same reward array, so the rewards are SB3's to the bit.
+    """
+
+    steps: list[tuple[int, np.ndarray, list[tuple[int, Observations]]]] = field(default_factory=list)
+
+    def record(self, position: int, rewards: np.ndarray, dones: np.ndarray, infos: list[dict[str, Any]]) -> None:
+        """Keep the truncations of the step written at ``position`` (``infos`` indexed only where done, as SB3)."""
+        truncated = [
+            (idx, infos[idx]["terminal_observation"])
+            for idx, done in enumerate(dones)
+            if done and infos[idx].get("terminal_observation") is not None and infos[idx].get("TimeLimit.truncated", False)
+        ]
+        if truncated:
+            self.steps.append((position, np.array(rewards), truncated))
+
+    def add_to(self, buffer: RolloutBuffer, policy: BasePolicy, gamma: float) -> None:
+        """Add the bootstrap values to the buffer's rewards."""
+        for position, rewards, truncated in self.steps:
+            for idx, observation in truncated:
+                terminal_obs = policy.obs_to_tensor(observation)[0]  # type: ignore[arg-type]
+                with th.no_grad():
+                    terminal_value = policy.predict_values(terminal_obs)[0]  # type: ignore[operator]
+                rewards[idx] += gamma * terminal_value
+            buffer.rewards[position] = np.array(rewards)
+
+
+def _flat_observations(buffer: RolloutBuffer, rows: int, device: th.device) -> PyTorchObs:
     observations = buffer.observations
     if isinstance(observations, dict):
-        return {key: th.as_tensor(value.reshape(-1, *value.shape[2:]), device=device) for key, value in observations.items()}
-    return th.as_tensor(observations.reshape(-1, *observations.shape[2:]), device=device)
-
-
-def _stack(observations: list[np.ndarray | dict[str, np.ndarray]]) -> np.ndarray | dict[str, np.ndarray]:
-    first = observations[0]
-    if isinstance(first, dict):
-        return {key: np.stack([obs[key] for obs in observations]) for key in first}
-    return np.stack(observations)  # type: ignore[arg-type]
+        return {key: th.as_tensor(value[:rows].reshape(-1, *value.shape[2:]), device=device) for key, value in observations.items()}
+    return th.as_tensor(observations[:rows].reshape(-1, *observations.shape[2:]), device=device)
 
 
 def actions_for_log_prob(actions: th.Tensor, action_space: spaces.Space) -> th.Tensor:
@@ -188,24 +331,20 @@ def actions_for_log_prob(actions: th.Tensor, action_space: spaces.Space) -> th.T
 
 
 @th.no_grad()
-def fill_values_and_log_probs(
-    policy: ActorCriticPolicy, buffer: RolloutBuffer, bootstraps: TruncationBootstraps, gamma: float
-) -> None:
-    """Write values and log-probabilities of the whole buffer, and add truncation bootstraps to rewards."""
-    n_steps, n_envs = buffer.buffer_size, buffer.n_envs
-    observations = _flat_observations(buffer, policy.device)
+def fill_values_and_log_probs(policy: ActorCriticPolicy, buffer: RolloutBuffer) -> None:
+    """Write the values and log-probabilities of the steps in the buffer, in one batched pass."""
+    rows, n_envs = buffer.pos, buffer.n_envs
+    if rows == 0:
+        return
+    observations = _flat_observations(buffer, rows, policy.device)
     values = policy.predict_values(observations)
-    actions = th.as_tensor(buffer.actions.reshape(n_steps * n_envs, -1), device=policy.device)
+    actions = th.as_tensor(buffer.actions[:rows].reshape(rows * n_envs, -1), device=policy.device)
     log_probs = policy.get_distribution(observations).log_prob(actions_for_log_prob(actions, policy.action_space))
-    buffer.values[:] = values.cpu().numpy().reshape(n_steps, n_envs)
-    buffer.log_probs[:] = log_probs.cpu().numpy().reshape(n_steps, n_envs)
-    if bootstraps.positions:
-        terminal = obs_as_tensor(_stack(bootstraps.observations), policy.device)
-        terminal_values = policy.predict_values(terminal).cpu().numpy().flatten()
-        for (position, env_index), value in zip(bootstraps.positions, terminal_values, strict=True):
-            buffer.rewards[position, env_index] += gamma * value
+    buffer.values[:rows] = values.cpu().numpy().reshape(rows, n_envs)
+    buffer.log_probs[:rows] = log_probs.cpu().numpy().reshape(rows, n_envs)
 
 
+# ------------------------------------------------------------------ the loop
 def collect_rollout(
     model: OnPolicyAlgorithm,
     env: VecEnv,
@@ -214,18 +353,26 @@ def collect_rollout(
     n_rollout_steps: int,
     wait_for_critic: Callable[[], None],
 ) -> bool:
-    """``model.collect_rollouts`` as SB3 runs it, with one batched critic pass at the end.
+    """``model.collect_rollouts``: SB3's loop, or the batched one where it computes the same.
 
-    Per step only actions are sampled (the same draws as SB3's ``policy.forward``, see
-    :func:`action_sampler`); values, log-probabilities and the bootstrap values of
-    time-limit truncations are computed for the whole rollout afterwards by
-    :func:`fill_values_and_log_probs`, once ``wait_for_critic`` has returned. Callbacks see
-    SB3's locals except the per-step ``obs_tensor``, ``values`` and ``log_probs``.
+    Where :func:`batched_rollout_sampler` gives no sampler, SB3's own
+    ``OnPolicyAlgorithm.collect_rollouts`` runs (after ``wait_for_critic``: it reads the critic at
+    every step). Otherwise per step only actions are sampled; values and log-probabilities are
+    computed for the whole rollout afterwards by :func:`fill_values_and_log_probs`, and the
+    truncation bootstraps by :class:`TruncationBootstraps`, once ``wait_for_critic`` has
+    returned. The batched loop leaves what SB3's leaves (buffer, ``num_timesteps``,
+    ``_last_obs``, ``_last_episode_starts``, info buffer, eval mode), also when a callback stops
+    training; its callbacks see SB3's locals except the per-step ``obs_tensor``, ``values`` and
+    ``log_probs``.
 
     :return: False when a callback stopped training, as SB3's ``collect_rollouts``
     """
     assert model._last_obs is not None, "No previous observation was provided"
     policy = model.policy
+    sample_actions = batched_rollout_sampler(policy, rollout_buffer, callback)
+    if sample_actions is None:
+        wait_for_critic()
+        return OnPolicyAlgorithm.collect_rollouts(model, env, callback, rollout_buffer, n_rollout_steps)
     policy.set_training_mode(False)
     n_steps = 0
     rollout_buffer.reset()
@@ -233,7 +380,12 @@ def collect_rollout(
         policy.reset_noise(env.num_envs)
     callback.on_rollout_start()
     bootstraps = TruncationBootstraps()
-    sample_actions = action_sampler(policy, model.action_space.shape)  # type: ignore[arg-type]
+
+    def fill_buffer() -> None:
+        wait_for_critic()
+        fill_values_and_log_probs(policy, rollout_buffer)  # type: ignore[arg-type]
+        bootstraps.add_to(rollout_buffer, policy, model.gamma)
+
     while n_steps < n_rollout_steps:
         if model.use_sde and model.sde_sample_freq > 0 and n_steps % model.sde_sample_freq == 0:
             policy.reset_noise(env.num_envs)
@@ -249,18 +401,15 @@ def collect_rollout(
         model.num_timesteps += env.num_envs
         callback.update_locals({**locals(), "self": model})
         if not callback.on_step():
+            fill_buffer()
             return False
         model._update_info_buffer(infos, dones)
         n_steps += 1
-        for idx, done in enumerate(dones):
-            terminal_obs = infos[idx].get("terminal_observation")
-            if done and terminal_obs is not None and infos[idx].get("TimeLimit.truncated", False):
-                bootstraps.record(rollout_buffer.pos, idx, terminal_obs)
+        bootstraps.record(rollout_buffer.pos, rewards, dones, infos)
         add_transition(rollout_buffer, model._last_obs, actions, rewards, model._last_episode_starts)  # type: ignore[arg-type]
         model._last_obs = new_obs  # type: ignore[assignment]
         model._last_episode_starts = dones
-    wait_for_critic()
-    fill_values_and_log_probs(policy, rollout_buffer, bootstraps, model.gamma)
+    fill_buffer()
     with th.no_grad():
         values = policy.predict_values(obs_as_tensor(new_obs, model.device))  # type: ignore[arg-type]
     rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)

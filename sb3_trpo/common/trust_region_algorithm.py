@@ -541,7 +541,8 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
             self._critic_fit.close()
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_critic_fit"]
+        # The parameter lists are derived from the policy, saved in policy.pth, and rebuilt by _setup_model on load.
+        return [*super()._excluded_save_params(), "_critic_fit", "actor_parameters", "critic_parameters"]
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         self._finish_critic_fit()

@@ -65,6 +65,12 @@ class _FromZeroStates:
     def parameters(self) -> Iterator[nn.Parameter]:
         return self.policy.parameters()
 
+    def modules(self) -> Iterator[nn.Module]:
+        return self.policy.modules()
+
+    def buffers(self) -> Iterator[th.Tensor]:
+        return self.policy.buffers()
+
     def obs_to_tensor(self, observation: Any) -> tuple[PyTorchObs, bool]:
         return self.policy.obs_to_tensor(observation)
 
