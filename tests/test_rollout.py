@@ -11,13 +11,14 @@ the training mode and BatchNorm's running statistics.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
+from sb3_contrib.common.envs import InvalidActionEnvDiscrete
 from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback, StopTrainingOnMaxEpisodes
 from stable_baselines3.common.env_util import make_vec_env
@@ -29,7 +30,8 @@ from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnvWrapper, VecNormalize
 from torch import nn
 
-from sb3_trpo import TRPO
+from sb3_trpo import NPG, TRPO, MaskableTRPO, RecurrentTRPO
+from sb3_trpo.common.policies import split_actor_critic
 from sb3_trpo.common.rollout import action_sampler, batched_rollout_sampler, gaussian_mlp_sampler
 
 SEED = 3
@@ -87,7 +89,9 @@ class BatchNormDropout(BaseFeaturesExtractor):
     def __init__(self, observation_space: spaces.Space, features_dim: int = 16):
         super().__init__(observation_space, features_dim)
         n_inputs = int(np.prod(observation_space.shape)) if observation_space.shape else int(observation_space.n)  # type: ignore[attr-defined]
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(n_inputs, features_dim), nn.BatchNorm1d(features_dim), nn.Tanh(), nn.Dropout(0.2))
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(n_inputs, features_dim), nn.BatchNorm1d(features_dim), nn.Tanh(), nn.Dropout(0.2)
+        )
 
     def forward(self, observations: th.Tensor) -> th.Tensor:
         return self.net(observations)
@@ -126,8 +130,15 @@ def _batch_norm_statistics(model: TRPO) -> list[th.Tensor]:
 
 
 # ------------------------------------------------------------------ running both loops
-def _run(collect, case: dict) -> tuple[TRPO, bool, bool]:
-    """Build the case's model, run ``collect`` on it; the model, the value returned, whether the batched loop ran."""
+class Run(NamedTuple):
+    model: TRPO
+    returned: bool  # what collect_rollouts returned
+    batched: bool  # whether the batched loop ran
+    callback_calls: int
+
+
+def _run(collect, case: dict) -> Run:
+    """Build the case's model and run ``collect`` on it."""
     np.random.seed(0)  # SimpleMultiObsEnv draws its images from numpy's global generator
     model = TRPO(case.get("policy", "MlpPolicy"), case["env"](), seed=0, **case.get("options", {}))
     case.get("prepare", lambda model: None)(model)
@@ -137,7 +148,7 @@ def _run(collect, case: dict) -> tuple[TRPO, bool, bool]:
     batched = batched_rollout_sampler(model.policy, model.rollout_buffer, callback) is not None
     th.manual_seed(SEED)
     returned = collect(model, model.env, callback, model.rollout_buffer, model.n_steps)
-    return model, returned, batched
+    return Run(model, returned, batched, callback.n_calls)
 
 
 EXACT = ("actions", "rewards", "episode_starts")
@@ -146,7 +157,10 @@ ROUNDED = ("values", "log_probs", "advantages", "returns")
 
 def _observation_fields(buffer: RolloutBuffer) -> dict[str, np.ndarray]:
     observations = buffer.observations
-    return {f"obs:{key}": value for key, value in (observations.items() if isinstance(observations, dict) else [("", observations)])}
+    return {
+        f"obs:{key}": value
+        for key, value in (observations.items() if isinstance(observations, dict) else [("", observations)])
+    }
 
 
 def _assert_same_rollout(ours: TRPO, sb3: TRPO) -> None:
@@ -168,7 +182,9 @@ def _assert_same_rollout(ours: TRPO, sb3: TRPO) -> None:
     episodes = [[(info["r"], info["l"]) for info in model.ep_info_buffer] for model in (ours, sb3)]  # type: ignore[union-attr]
     assert episodes[0] == episodes[1]
     assert ours.policy.training is sb3.policy.training is False
-    assert all(th.equal(x, y) for x, y in zip(ours.policy.state_dict().values(), sb3.policy.state_dict().values(), strict=True))
+    assert all(
+        th.equal(x, y) for x, y in zip(ours.policy.state_dict().values(), sb3.policy.state_dict().values(), strict=True)
+    )
 
 
 CASES: dict[str, dict] = {
@@ -183,14 +199,20 @@ CASES: dict[str, dict] = {
         options=dict(n_steps=64),
         batched=True,
     ),
-    "cnn-images": dict(env=lambda: make_vec_env(_image_env(36), n_envs=2), policy="CnnPolicy", options=dict(n_steps=16), batched=True),
+    "cnn-images": dict(
+        env=lambda: make_vec_env(_image_env(36), n_envs=2), policy="CnnPolicy", options=dict(n_steps=16), batched=True
+    ),
     "mlp-images": dict(env=lambda: make_vec_env(_image_env(8), n_envs=2), options=dict(n_steps=32), batched=True),
     "gsde": dict(env=_pendulum, options=dict(n_steps=256, use_sde=True, sde_sample_freq=8), batched=True),
     "gsde-squash-output": dict(
         env=_pendulum, options=dict(n_steps=64, use_sde=True, policy_kwargs=dict(squash_output=True)), batched=True
     ),
-    "unshared-extractor": dict(env=_pendulum, options=dict(n_steps=64, policy_kwargs=dict(share_features_extractor=False)), batched=True),
-    "relu": dict(env=_pendulum, options=dict(n_steps=64, policy_kwargs=dict(activation_fn=nn.ReLU, net_arch=[32, 16])), batched=True),
+    "unshared-extractor": dict(
+        env=_pendulum, options=dict(n_steps=64, policy_kwargs=dict(share_features_extractor=False)), batched=True
+    ),
+    "relu": dict(
+        env=_pendulum, options=dict(n_steps=64, policy_kwargs=dict(activation_fn=nn.ReLU, net_arch=[32, 16])), batched=True
+    ),
     "empty-infos": dict(env=lambda: InfosOnlyAtEpisodeEnds(_pendulum()), options=dict(n_steps=256), batched=True),
     "overridden-forward": dict(env=_pendulum, policy=ShiftedValues, options=dict(n_steps=64), batched=False),
     "forward-hook-on-policy": dict(
@@ -210,32 +232,33 @@ CASES: dict[str, dict] = {
         callback=lambda: StopTrainingOnMaxEpisodes(max_episodes=1),
         batched=True,
     ),
-    "user-callback-edits-weights": dict(env=_pendulum, options=dict(n_steps=64), callback=lambda: EditWeightsAt(20), batched=False),
+    "user-callback-edits-weights": dict(
+        env=_pendulum, options=dict(n_steps=64), callback=lambda: EditWeightsAt(20), batched=False
+    ),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_rollout_leaves_what_sb3_leaves(name: str) -> None:
     case = CASES[name]
-    ours, ours_returned, batched = _run(TRPO.collect_rollouts, case)
-    sb3, sb3_returned, _ = _run(OnPolicyAlgorithm.collect_rollouts, case)
-    assert batched is case["batched"]
-    assert ours_returned == sb3_returned
-    _assert_same_rollout(ours, sb3)
+    ours, sb3 = _run(TRPO.collect_rollouts, case), _run(OnPolicyAlgorithm.collect_rollouts, case)
+    assert ours.batched is case["batched"]
+    assert (ours.returned, ours.callback_calls) == (sb3.returned, sb3.callback_calls)
+    _assert_same_rollout(ours.model, sb3.model)
 
 
 def test_cases_hold_what_they_are_named_for() -> None:
     """The truncation, empty-infos and stopping cases check those paths only if their rollouts hold them."""
-    model, returned, _ = _run(TRPO.collect_rollouts, CASES["box-vecnormalize-truncations"])
+    model, returned, _, _ = _run(TRPO.collect_rollouts, CASES["box-vecnormalize-truncations"])
     # 200-step episodes: both environments were truncated after step 199 and restarted.
     buffer = model.rollout_buffer
     assert returned and buffer.episode_starts[200].all() and buffer.episode_starts[1:200].sum() == 0
-    model, returned, _ = _run(TRPO.collect_rollouts, CASES["sb3-callback-stops"])
+    model, returned, _, _ = _run(TRPO.collect_rollouts, CASES["sb3-callback-stops"])
     assert not returned and 0 < model.rollout_buffer.pos < model.n_steps
     assert np.all(model.rollout_buffer.values[: model.rollout_buffer.pos] != 0)
-    model, returned, _ = _run(TRPO.collect_rollouts, CASES["user-callback-stops"])
+    model, returned, _, _ = _run(TRPO.collect_rollouts, CASES["user-callback-stops"])
     assert not returned and model.rollout_buffer.pos == 9
-    model, _, _ = _run(TRPO.collect_rollouts, CASES["overridden-forward"])
+    model = _run(TRPO.collect_rollouts, CASES["overridden-forward"]).model
     with th.no_grad():
         values = model.policy.predict_values(obs_as_tensor(model.rollout_buffer.observations[:, 0], model.device))
     assert np.allclose(model.rollout_buffer.values[:, 0], values.numpy().flatten() + 1.0, atol=1e-6)
@@ -243,8 +266,7 @@ def test_cases_hold_what_they_are_named_for() -> None:
 
 def test_callback_edits_take_effect_from_the_next_step() -> None:
     case = CASES["user-callback-edits-weights"]
-    edited, _, _ = _run(TRPO.collect_rollouts, case)
-    unedited, _, _ = _run(TRPO.collect_rollouts, {**case, "callback": None})
+    edited, unedited = (_run(TRPO.collect_rollouts, {**case, "callback": fn}).model for fn in (case["callback"], None))
     same = np.all(edited.rollout_buffer.actions == unedited.rollout_buffer.actions, axis=(1, 2))
     # The 20th call follows the 20th step (row 19); the actions of row 20 on are drawn with std exp(-1).
     assert same[:20].all() and not same[20:].any()
@@ -267,6 +289,54 @@ def test_batch_norm_statistics_are_left_to_train() -> None:
     assert all(th.equal(x, y) for x, y in zip(_batch_norm_statistics(model), trained, strict=True))
 
 
+@pytest.mark.parametrize(
+    ("algorithm", "policy", "make_env"),
+    [
+        (TRPO, "MlpPolicy", _pendulum),
+        (NPG, "MlpPolicy", _pendulum),
+        (MaskableTRPO, "MlpPolicy", lambda: InvalidActionEnvDiscrete(dim=5, n_invalid_actions=2)),
+        (RecurrentTRPO, "MlpLstmPolicy", _pendulum),
+    ],
+    ids=["trpo", "npg", "maskable-discrete", "recurrent"],
+)
+def test_batch_norm_and_dropout_policies_train_with_every_algorithm(algorithm, policy: str, make_env) -> None:
+    options = dict(
+        n_steps=32, batch_size=16, n_critic_updates=2, seed=0, policy_kwargs=dict(features_extractor_class=BatchNormDropout)
+    )
+    model = algorithm(policy, make_env(), **options)
+    statistics = _batch_norm_statistics(model)
+    assert statistics[2] == 0  # construction ran no training-mode forward pass
+    _, callback = model._setup_learn(32, None)
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)
+    assert all(th.equal(x, y) for x, y in zip(_batch_norm_statistics(model), statistics, strict=True))
+    model.learn(64, reset_num_timesteps=False)
+    assert _batch_norm_statistics(model)[2] > 0
+    assert all(bool(th.isfinite(p).all()) for p in model.policy.parameters())
+    model.predict(model.observation_space.sample())
+    assert not model.policy.training
+
+
+def test_split_changes_no_mode_buffer_generator_or_observation_space() -> None:
+    model = TRPO("MlpPolicy", "Pendulum-v1", seed=0, policy_kwargs=dict(features_extractor_class=BatchNormDropout))
+    policy = model.policy
+    policy.set_training_mode(True)
+    policy.features_extractor.net[1].train(False)  # modes need not be uniform
+    modes = [module.training for module in policy.modules()]
+    statistics = _batch_norm_statistics(model)
+    generator = th.get_rng_state()
+    space = policy.observation_space
+    space.seed(5)
+    next_observation = space.sample()
+    space.seed(5)
+    actor, critic = split_actor_critic(policy)
+    assert [module.training for module in policy.modules()] == modes
+    assert all(th.equal(x, y) for x, y in zip(_batch_norm_statistics(model), statistics, strict=True))
+    assert th.equal(th.get_rng_state(), generator)
+    assert np.array_equal(space.sample(), next_observation)
+    assert [id(p) for p in actor] == [id(p) for p in model.actor_parameters]
+    assert [id(p) for p in critic] == [id(p) for p in model.critic_parameters]
+
+
 # ------------------------------------------------------------------ which loop runs
 def _pendulum_model(**options: Any) -> TRPO:
     return TRPO("MlpPolicy", "Pendulum-v1", n_steps=64, seed=0, **options)
@@ -274,7 +344,9 @@ def _pendulum_model(**options: Any) -> TRPO:
 
 def _override(method: str) -> type[ActorCriticPolicy]:
     original = getattr(ActorCriticPolicy, method)
-    return type(f"Overrides_{method}", (ActorCriticPolicy,), {method: lambda self, *args, **kwargs: original(self, *args, **kwargs)})
+    return type(
+        f"Overrides_{method}", (ActorCriticPolicy,), {method: lambda self, *args, **kwargs: original(self, *args, **kwargs)}
+    )
 
 
 SB3_LOOP = {
@@ -392,7 +464,11 @@ def test_gaussian_mlp_sampler_draws_the_bits_policy_forward_draws(name: str, n_o
 
 @pytest.mark.parametrize(
     ("env_id", "options"),
-    [("CartPole-v1", {}), ("Pendulum-v1", dict(use_sde=True)), ("Pendulum-v1", dict(use_sde=True, policy_kwargs=dict(squash_output=True)))],
+    [
+        ("CartPole-v1", {}),
+        ("Pendulum-v1", dict(use_sde=True)),
+        ("Pendulum-v1", dict(use_sde=True, policy_kwargs=dict(squash_output=True))),
+    ],
     ids=["categorical", "gsde", "gsde-squash-output"],
 )
 def test_distribution_sampler_draws_the_bits_policy_forward_draws(env_id: str, options: dict) -> None:

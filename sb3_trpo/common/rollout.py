@@ -240,7 +240,7 @@ def gaussian_mlp_sampler(policy: ActorCriticPolicy) -> ActionSampler | None:
 
     def sample(observations: Observations) -> np.ndarray:
         with th.no_grad():
-            latent = flatten.forward(obs_as_tensor(observations, device).float())
+            latent = flatten.forward(obs_as_tensor(observations, device).float())  # type: ignore[union-attr]
             for layer in layers:
                 latent = layer.forward(latent)
             std = policy.log_std.exp()
@@ -315,7 +315,9 @@ class TruncationBootstraps:
 def _flat_observations(buffer: RolloutBuffer, rows: int, device: th.device) -> PyTorchObs:
     observations = buffer.observations
     if isinstance(observations, dict):
-        return {key: th.as_tensor(value[:rows].reshape(-1, *value.shape[2:]), device=device) for key, value in observations.items()}
+        return {
+            key: th.as_tensor(value[:rows].reshape(-1, *value.shape[2:]), device=device) for key, value in observations.items()
+        }
     return th.as_tensor(observations[:rows].reshape(-1, *observations.shape[2:]), device=device)
 
 
