@@ -478,6 +478,19 @@ def test_distribution_sampler_draws_the_bits_policy_forward_draws(env_id: str, o
     assert np.array_equal(_sampled(model.policy, observations, 1), _forward_actions(model.policy, observations, 1))
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.int64])
+def test_gaussian_mlp_sampler_casts_observations_as_sb3(dtype: type) -> None:
+    observation_space = spaces.Box(-1000, 1000, (5,), dtype=dtype)
+    th.manual_seed(0)
+    policy = ActorCriticPolicy(observation_space, spaces.Box(-1.0, 1.0, (2,), dtype=np.float32), lambda _: 1e-3)
+    # float64 values that float32 must round, the largest float32 and beyond, subnormals.
+    with np.errstate(over="ignore", invalid="ignore"):
+        observations = np.array(
+            [[1 / 3, -2 / 3, 1e-40, 3.4028235e38, 1e39], [np.pi, -np.e, 1e-310, 123456789.123, -5e-324]]
+        ).astype(dtype)
+    assert np.array_equal(_sampled(policy, observations, 4), _forward_actions(policy, observations, 4), equal_nan=True)
+
+
 def test_gaussian_mlp_sampler_reads_the_weights_at_every_step() -> None:
     model = _pendulum_model()
     policy = model.policy
@@ -509,3 +522,20 @@ def test_nan_mean_raises_sb3_error() -> None:
     with pytest.raises(ValueError, match="Expected parameter loc") as our_error:
         action_sampler(model.policy)(observations)
     assert str(our_error.value) == str(sb3_error.value)
+
+
+def test_nan_standard_deviation_without_argument_checks_draws_as_sb3() -> None:
+    model = _pendulum_model()
+    with th.no_grad():
+        model.policy.log_std.fill_(float("nan"))  # type: ignore[operator]
+    observations = np.zeros((2, 3), dtype=np.float32)
+    validate = th.distributions.Distribution._validate_args
+    th.distributions.Distribution.set_default_validate_args(False)
+    try:
+        actions = _sampled(model.policy, observations, 5)
+        generator_after_ours = th.get_rng_state()
+        expected = _forward_actions(model.policy, observations, 5)
+    finally:
+        th.distributions.Distribution.set_default_validate_args(validate)
+    assert np.isnan(expected).all() and np.array_equal(actions, expected, equal_nan=True)
+    assert th.equal(th.get_rng_state(), generator_after_ours)  # the same draws were consumed

@@ -17,6 +17,7 @@ exactly; everything else runs SB3's own loop.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs
 from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
+from torch.nn import functional as F
 
 from sb3_trpo.common.validation import check_finite, observation_arrays
 
@@ -211,22 +213,26 @@ def action_sampler(policy: ActorCriticPolicy) -> ActionSampler:
 
 
 def gaussian_mlp_sampler(policy: ActorCriticPolicy) -> ActionSampler | None:
-    """SB3's Gaussian MLP actor without module calls and distribution objects, or None for other actors.
+    """SB3's Gaussian MLP actor on the CPU without module calls and distribution objects, or None for other actors.
 
     For flat (non-image) Box observations, a ``FlattenExtractor`` and a Gaussian head, SB3's
     ``get_distribution(obs).get_actions()`` is ``obs.float()``, the flatten, each layer of
-    ``mlp_extractor.policy_net`` and ``action_net``, then ``Normal(mean, ones * log_std.exp())``
-    sampled by ``th.normal(mean, std)``. Here each module's own ``forward`` runs on the same
-    tensors (what ``module(x)`` runs when no hook is registered, which
-    :func:`recognised_policy` checks), reading the parameters at every step, and ``th.normal``
-    draws from the same generator with the same shapes: the same kernels on the same inputs,
-    so the same bits, at less than half the per-step cost.
+    ``mlp_extractor.policy_net`` and ``action_net``, then ``th.normal(mean, std)`` with
+    ``std = log_std.exp()``, which fills its output by ``normal_``, then ``mul_(std).add_(mean)``.
+    The same operations run here on the same inputs, so they give the same bits: each layer's
+    own ``forward`` (what ``layer(x)`` runs without hooks, which :func:`recognised_policy`
+    checks; a ``Linear`` layer's ``F.linear`` with the parameters read from the module's
+    dict at every step) and ``th.normal``'s three operations one by one, on a tensor of the
+    same shape from the same generator. They run in inference mode, which skips autograd's
+    per-operation bookkeeping and calls the same kernels as SB3's ``no_grad``.
 
-    ``Normal`` refuses a NaN mean or a standard deviation that is not positive; a draw that
-    shows either is re-checked by SB3's own ``get_distribution``, which raises as SB3 would.
+    ``Normal`` refuses a NaN mean or a standard deviation that is not positive: such a step
+    is handed, before anything is drawn, to SB3's own ``get_distribution(obs).get_actions()``,
+    which draws or raises exactly as SB3 would.
     """
     if not (
-        type(policy.action_dist) is DiagGaussianDistribution
+        policy.device.type == "cpu"
+        and type(policy.action_dist) is DiagGaussianDistribution
         and isinstance(policy.observation_space, spaces.Box)
         and not (policy.normalize_images and is_image_space(policy.observation_space))
         and type(policy.pi_features_extractor) is FlattenExtractor
@@ -234,24 +240,38 @@ def gaussian_mlp_sampler(policy: ActorCriticPolicy) -> ActionSampler | None:
     ):
         return None
     flatten = policy.pi_features_extractor.flatten
-    layers = [*policy.mlp_extractor.policy_net, policy.action_net]
-    device = policy.device
+    layers = [
+        _linear(module._parameters) if type(module) is nn.Linear else module.forward
+        for module in [*policy.mlp_extractor.policy_net, policy.action_net]
+    ]
+    own_parameters = policy._parameters
     shape = (-1, *policy.action_space.shape)  # type: ignore[misc]
 
     def sample(observations: Observations) -> np.ndarray:
-        with th.no_grad():
-            latent = flatten.forward(obs_as_tensor(observations, device).float())  # type: ignore[union-attr]
+        with th.inference_mode():
+            latent = flatten.forward(th.as_tensor(observations).float())
             for layer in layers:
-                latent = layer.forward(latent)
-            std = policy.log_std.exp()
-            actions = th.normal(latent, std)
-        drawn, std_drawn = actions.cpu().numpy(), std.cpu().numpy()
-        if np.isnan(drawn.sum()) or not std_drawn.min() > 0:
+                latent = layer(latent)
+            std = own_parameters["log_std"].exp()  # type: ignore[union-attr]
+            # A sum is NaN if a term is (or +inf meets -inf: SB3's path then draws what it draws).
+            valid = not math.isnan(sum(latent.view(-1).tolist())) and min(std.tolist()) > 0
+            if valid:
+                actions = th.empty_like(latent).normal_().mul_(std).add_(latent)
+        if not valid:
             with th.no_grad():
-                policy.get_distribution(obs_as_tensor(observations, device))
-        return drawn.reshape(shape)
+                actions = policy.get_distribution(obs_as_tensor(observations, policy.device)).get_actions()
+        return actions.numpy().reshape(shape)
 
     return sample
+
+
+def _linear(parameters: dict[str, nn.Parameter | None]) -> Callable[[th.Tensor], th.Tensor]:
+    """``nn.Linear.forward`` with the weight and bias read from the module's parameter dict at every call."""
+
+    def linear(latent: th.Tensor) -> th.Tensor:
+        return F.linear(latent, parameters["weight"], parameters["bias"])  # type: ignore[arg-type]
+
+    return linear
 
 
 # ------------------------------------------------------------------ the buffer
