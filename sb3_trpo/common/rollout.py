@@ -325,7 +325,7 @@ class TruncationBootstraps:
         """Add the bootstrap values to the buffer's rewards."""
         for position, rewards, truncated in self.steps:
             for idx, observation in truncated:
-                terminal_obs = policy.obs_to_tensor(observation)[0]  # type: ignore[arg-type]
+                terminal_obs = policy.obs_to_tensor(observation)[0]
                 with th.no_grad():
                     terminal_value = policy.predict_values(terminal_obs)[0]  # type: ignore[operator]
                 rewards[idx] += gamma * terminal_value
@@ -405,7 +405,7 @@ def collect_rollout(
 
     def fill_buffer() -> None:
         wait_for_critic()
-        fill_values_and_log_probs(policy, rollout_buffer)  # type: ignore[arg-type]
+        fill_values_and_log_probs(policy, rollout_buffer)
         bootstraps.add_to(rollout_buffer, policy, model.gamma)
 
     while n_steps < n_rollout_steps:
