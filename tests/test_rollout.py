@@ -512,14 +512,23 @@ def test_gaussian_mlp_sampler_reads_the_weights_at_every_step() -> None:
         assert np.array_equal(actions, _forward_actions(policy, observations, 2))
 
 
-def test_nan_mean_raises_sb3_error() -> None:
-    model = _pendulum_model()
+@pytest.mark.parametrize(
+    ("parameter", "value", "message"),
+    [
+        ("action_net.bias", float("nan"), "parameter loc"),
+        ("log_std", float("nan"), "parameter scale"),
+        ("log_std", -200.0, "parameter scale"),
+    ],
+    ids=["nan-mean", "nan-std", "zero-std"],
+)
+def test_invalid_distribution_raises_sb3_error(parameter: str, value: float, message: str) -> None:
+    model = TRPO("MlpPolicy", "HalfCheetah-v5", n_steps=64, seed=0)
     with th.no_grad():
-        model.policy.action_net.bias.fill_(float("nan"))
-    observations = np.zeros((2, 3), dtype=np.float32)
-    with pytest.raises(ValueError, match="Expected parameter loc") as sb3_error, th.no_grad():
+        model.policy.get_parameter(parameter)[-1] = value  # the last of several entries
+    observations = np.zeros((2, 17))
+    with pytest.raises(ValueError, match=f"Expected {message}") as sb3_error, th.no_grad():
         model.policy(obs_as_tensor(observations, model.device))
-    with pytest.raises(ValueError, match="Expected parameter loc") as our_error:
+    with pytest.raises(ValueError, match=f"Expected {message}") as our_error:
         action_sampler(model.policy)(observations)
     assert str(our_error.value) == str(sb3_error.value)
 

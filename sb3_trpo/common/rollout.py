@@ -17,7 +17,6 @@ exactly; everything else runs SB3's own loop.
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -253,8 +252,7 @@ def gaussian_mlp_sampler(policy: ActorCriticPolicy) -> ActionSampler | None:
             for layer in layers:
                 latent = layer(latent)
             std = own_parameters["log_std"].exp()  # type: ignore[union-attr]
-            # A sum is NaN if a term is (or +inf meets -inf: SB3's path then draws what it draws).
-            valid = not math.isnan(sum(latent.view(-1).tolist())) and min(std.tolist()) > 0
+            valid = not np.isnan(latent.numpy()).any() and all(value > 0 for value in std.tolist())
             if valid:
                 actions = th.empty_like(latent).normal_().mul_(std).add_(latent)
         if not valid:
