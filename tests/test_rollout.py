@@ -352,6 +352,7 @@ def _override(method: str) -> type[ActorCriticPolicy]:
 SB3_LOOP = {
     **{
         f"overrides {method}": lambda method=method: TRPO(_override(method), "Pendulum-v1", n_steps=64, seed=0)
+        # The list, written out: a shorter POLICY_METHODS must fail here.
         for method in (
             "forward",
             "extract_features",
