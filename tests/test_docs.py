@@ -1,0 +1,80 @@
+"""The code examples of the documentation and the README run, and their figures are BENCHMARKS.md's.
+
+Each page's Python blocks run in order in one namespace (a later block may use what an
+earlier one defined), in a temporary folder, with every ``learn()`` cut to one rollout: a
+renamed argument or a moved import breaks this test, not a reader's first try.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from stable_baselines3.common.base_class import BaseAlgorithm
+
+REPO = Path(__file__).resolve().parent.parent
+DOCS = REPO / "docs"
+PAGES = sorted(DOCS.rglob("*.rst")) + [REPO / "README.md"]
+
+# ``.. code-block:: python`` and its options, then the indented body (blank lines included).
+RST_BLOCK = re.compile(r"^\.\. code-block:: python\n(?:   :.*\n)*\n((?:(?:   .*)?\n)+)", re.MULTILINE)
+MARKDOWN_BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
+# "mean ± std" figures, the form BENCHMARKS.md gives returns in.
+MEAN_STD = re.compile(r"-?\d+\.\d ± \d+\.\d")
+
+
+def python_blocks(page: Path) -> list[str]:
+    text = page.read_text()
+    if page.suffix == ".md":
+        return MARKDOWN_BLOCK.findall(text)
+    return ["\n".join(line[3:] for line in block.splitlines()) for block in RST_BLOCK.findall(text)]
+
+
+def pages_with_examples() -> list[Path]:
+    return [page for page in PAGES if python_blocks(page)]
+
+
+def test_the_block_finder_sees_every_python_block() -> None:
+    """A block the pattern misses would silently go untested."""
+    for page in PAGES:
+        text = page.read_text()
+        expected = text.count("```python") if page.suffix == ".md" else text.count(".. code-block:: python")
+        assert len(python_blocks(page)) == expected, page
+    assert len(pages_with_examples()) >= 8
+
+
+@pytest.fixture
+def one_rollout_per_learn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``learn(N)`` trains for one rollout (``n_steps * n_envs`` steps) at most."""
+    setup_learn = BaseAlgorithm._setup_learn
+
+    def short_setup_learn(self: BaseAlgorithm, total_timesteps: int, *args: Any, **kwargs: Any) -> Any:
+        rollout = getattr(self, "n_steps", 1) * self.n_envs
+        return setup_learn(self, min(total_timesteps, rollout), *args, **kwargs)
+
+    monkeypatch.setattr(BaseAlgorithm, "_setup_learn", short_setup_learn)
+
+
+@pytest.mark.parametrize("page", pages_with_examples(), ids=lambda page: str(page.relative_to(REPO)))
+def test_page_examples_run(
+    page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_rollout_per_learn: None
+) -> None:
+    monkeypatch.chdir(tmp_path)  # saved models, logs and MuJoCo's MUJOCO_LOG.TXT land here
+    namespace: dict[str, Any] = {"__name__": "__docs_example__"}
+    for number, block in enumerate(python_blocks(page)):
+        code = compile(block, f"{page.relative_to(REPO)} (python block {number})", "exec")
+        exec(code, namespace)
+
+
+def test_returns_quoted_in_the_docs_are_those_of_benchmarks_md() -> None:
+    benchmarks = (REPO / "BENCHMARKS.md").read_text()
+    quoted = {
+        figure: page.relative_to(REPO)
+        for page in [*sorted((DOCS / "modules").glob("*.rst")), REPO / "README.md"]
+        for figure in MEAN_STD.findall(page.read_text())
+    }
+    assert len(quoted) >= 12
+    missing = {figure: str(page) for figure, page in quoted.items() if figure not in benchmarks}
+    assert not missing, f"figures not in BENCHMARKS.md: {missing}"
