@@ -16,7 +16,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs"
-PAGES = sorted(DOCS.rglob("*.rst")) + [REPO / "README.md"]
+PAGES = [*sorted(DOCS.rglob("*.rst")), REPO / "README.md"]
 
 # ``.. code-block:: python`` and its options, then the indented body (blank lines included).
 RST_BLOCK = re.compile(r"^\.\. code-block:: python\n(?:   :.*\n)*\n((?:(?:   .*)?\n)+)", re.MULTILINE)
@@ -58,9 +58,7 @@ def one_rollout_per_learn(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("page", pages_with_examples(), ids=lambda page: str(page.relative_to(REPO)))
-def test_page_examples_run(
-    page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_rollout_per_learn: None
-) -> None:
+def test_page_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_rollout_per_learn: None) -> None:
     monkeypatch.chdir(tmp_path)  # saved models, logs and MuJoCo's MUJOCO_LOG.TXT land here
     namespace: dict[str, Any] = {"__name__": "__docs_example__"}
     for number, block in enumerate(python_blocks(page)):
