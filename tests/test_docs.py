@@ -76,3 +76,19 @@ def test_returns_quoted_in_the_docs_are_those_of_benchmarks_md() -> None:
     assert len(quoted) >= 12
     missing = {figure: str(page) for figure, page in quoted.items() if figure not in benchmarks}
     assert not missing, f"figures not in BENCHMARKS.md: {missing}"
+
+
+def test_files_and_tests_the_docs_name_exist() -> None:
+    """A renamed module, example, test or result file leaves no dead reference behind."""
+    texts = {page: page.read_text() for page in PAGES}
+    named = {
+        path
+        for text in texts.values()
+        for path in re.findall(r"\b(?:tests|examples|benchmark_results|sb3_trpo)/[\w./-]+\.(?:py|md|yml|png|txt)\b", text)
+    }
+    assert len(named) >= 10
+    assert not [path for path in named if not (REPO / path).exists()]
+    test_sources = "\n".join(path.read_text() for path in (REPO / "tests").glob("test_*.py"))
+    tests_named = {name for text in texts.values() for name in re.findall(r"``(test_\w+)``", text)}
+    assert tests_named
+    assert not [name for name in tests_named if f"def {name}(" not in test_sources]
