@@ -248,10 +248,19 @@ def test_report_table_on_synthetic_runs(tmp_path: Path) -> None:
     assert trpo.failure_fraction == pytest.approx(0.1)
     assert (contrib.final_mean, contrib.final_std, contrib.best_mean, contrib.best_std) == (-65.0, 35.0, -40.0, 10.0)
     assert (contrib.collapses, contrib.evaluations, contrib.failure_fraction) == (1, 4, 0.0)
+    assert trpo.stability == pytest.approx(20 / (68 / 3)) and contrib.stability is None  # negative best: no ratio
     assert report.markdown_table([trpo, contrib]).splitlines()[2:] == [
-        "| Fake-v0 | sb3_trpo | 3 | 3k | 20.0 ± 8.2 | 22.7 ± 10.0 | 1 / 9 | 10.0% (3/30) | 200 |",
-        "| Fake-v0 | sb3_contrib | 2 | 2k | -65.0 ± 35.0 | -40.0 ± 10.0 | 1 / 4 | 0.0% (0/10) | 60 |",
+        "| Fake-v0 | sb3_trpo | 3 | 3k | 20.0 ± 8.2 | 22.7 ± 10.0 | 88.2% | 1 / 9 | 10.0% (3/30) | 200 |",
+        "| Fake-v0 | sb3_contrib | 2 | 2k | -65.0 ± 35.0 | -40.0 ± 10.0 | n/a | 1 / 4 | 0.0% (0/10) | 60 |",
     ]
+
+
+@pytest.mark.parametrize(
+    ("final", "best", "expected"),
+    [(2669.1, 3510.1, 2669.1 / 3510.1), (50.0, 50.0, 1.0), (-65.0, -40.0, None), (-1.0, 0.0, None)],
+)
+def test_stability_ratio_is_final_over_best_for_a_positive_best(final: float, best: float, expected: float | None) -> None:
+    assert report.stability_ratio(final, best) == (None if expected is None else pytest.approx(expected))
 
 
 def test_report_writes_markdown_and_plot(tmp_path: Path) -> None:
@@ -260,7 +269,7 @@ def test_report_writes_markdown_and_plot(tmp_path: Path) -> None:
     output, plot = tmp_path / "out" / "REPORT.md", tmp_path / "out" / "returns.png"
     assert report.main(["--results-dir", str(results), "--output", str(output), "--plot", str(plot)]) == 0
     text = output.read_text()
-    assert "| Fake-v0 | sb3_trpo | 3 | 3k | 20.0 ± 8.2 | 22.7 ± 10.0 | 1 / 9 | 10.0% (3/30) | 200 |" in text
+    assert "| Fake-v0 | sb3_trpo | 3 | 3k | 20.0 ± 8.2 | 22.7 ± 10.0 | 88.2% | 1 / 9 | 10.0% (3/30) | 200 |" in text
     assert "![learning curves](returns.png)" in text
     assert text.count("| Fake-v0 | sb3_trpo | ") == 4  # the summary row and one row per seed
     # One panel: a 5 x 3.6 inch figure at 110 dpi.
@@ -269,23 +278,28 @@ def test_report_writes_markdown_and_plot(tmp_path: Path) -> None:
 
 
 def test_targets_table_compares_common_seeds_at_the_budget() -> None:
-    def run(impl: str, seed: int, final: float, steps: int = 1_000_000) -> dict:
-        return {**_record(impl, seed, [0.0, final], 0, 1, 1.0), "env_id": "Hopper-v5", "total_timesteps": steps}
+    def run(impl: str, seed: int, final: float, best: float | None = None, steps: int = 1_000_000) -> dict:
+        means = [0.0, final] if best is None else [0.0, best, final]
+        return {**_record(impl, seed, means, 0, 1, 1.0), "env_id": "Hopper-v5", "total_timesteps": steps}
 
     records = [
-        run("sb3_trpo", 0, 3000.0),
+        run("sb3_trpo", 0, 3000.0, best=4000.0),
         run("sb3_trpo", 1, 3800.0),
-        run("sb3_trpo", 2, 100.0),  # no sb3-contrib run with seed 2: left out
+        run("sb3_trpo", 2, 100.0, best=9000.0),  # no sb3-contrib run with seed 2: left out
         run("sb3_trpo", 3, 5000.0, steps=300_000),  # another budget: left out
-        run("sb3_contrib", 0, 2000.0),
+        run("sb3_contrib", 0, 2000.0, best=2500.0),
         run("sb3_contrib", 1, 3000.0),
         run("sb3_contrib", 3, 0.0, steps=300_000),
     ]
     rows = report.targets_table(report.group(records)).splitlines()
     assert len(rows) == 2 + len(report.TARGETS)
     # Resampled means: 3400 +- 400 or 3400, against 2500 +- 500 or 2500; their differences span [+0, +1800].
-    assert "| Hopper-v5 | 1M | 0, 1 | 2500.0 ± 500.0 | 3400.0 ± 400.0 | yes | +900.0 [+0.0, +1800.0] | 3600 | no |" in rows
-    assert "| Humanoid-v5 | 2M | none | not run | not run | | | 1000 | |" in rows
+    # final/best over seeds 0-1: 2500 / 2750 (sb3-contrib), 3400 / 3900 (sb3_trpo).
+    assert (
+        "| Hopper-v5 | 1M | 0, 1 | 2500.0 ± 500.0 | 3400.0 ± 400.0 | yes | +900.0 [+0.0, +1800.0] | 3600 | no "
+        "| 90.9% | 87.2% |"
+    ) in rows
+    assert "| Humanoid-v5 | 2M | none | not run | not run | | | 1000 | | | |" in rows
 
 
 def test_difference_interval_matches_the_normal_interval_on_large_samples() -> None:
