@@ -127,6 +127,32 @@ def test_record_updates_keeps_each_updates_logged_statistics(tmp_path: Path, imp
     assert "updates" not in returns.train_and_evaluate(dataclasses.replace(spec, record_updates=False))
 
 
+def test_target_kl_schedule_runs_as_a_schedule_and_sb3_contrib_at_its_start(tmp_path: Path) -> None:
+    config = tmp_path / "trpo.yml"
+    config.write_text(CONFIG + "  target_kl: lin_0.02\n")
+    spec = returns.RunSpec("sb3_trpo", "CartPole-v1", 0, 1500, str(config), 600, 2, record_updates=True)
+    ours = returns.train_and_evaluate(spec)
+    # From 0.02 to a tenth of it over the 1,500 steps, read after each rollout of 512 steps.
+    expected = [0.002 + 0.018 * max(1 - steps / 1500, 0.0) for steps in (512, 1024, 1536)]
+    assert [update["train/target_kl"] for update in ours["updates"]] == pytest.approx(expected)
+    assert ours["config"]["constant_for_impl"] == {}
+    assert ours["config"]["hyperparams"]["target_kl"] == "lin_0.02"
+
+    contrib = returns.train_and_evaluate(dataclasses.replace(spec, impl="sb3_contrib"))
+    assert contrib["config"]["constant_for_impl"] == {"target_kl": 0.02}
+    # Its last step is measured against the start value, not the schedule's end (0.002).
+    kls = [update["train/kl_divergence_loss"] for update in contrib["updates"]]
+    assert 0.002 * 1.5 < kls[-1] and max(kls) <= 0.02 * 1.5
+
+
+def test_constant_target_kl_is_passed_unchanged() -> None:
+    for impl in ("sb3_trpo", "sb3_contrib"):
+        kwargs = {"target_kl": 0.03, "n_steps": 8}
+        assert returns.trust_region_radius(impl, kwargs) == {} and kwargs == {"target_kl": 0.03, "n_steps": 8}
+    kwargs = {"n_steps": 8}
+    assert returns.trust_region_radius("sb3_contrib", kwargs) == {} and kwargs == {"n_steps": 8}
+
+
 def _lock(path: Path, host: str, pid: int) -> str:
     content = json.dumps({"host": host, "pid": pid, "since": 0.0})
     path.write_text(content)
