@@ -159,6 +159,32 @@ def test_record_updates_keeps_each_updates_logged_statistics(tmp_path: Path, imp
     assert "updates" not in returns.train_and_evaluate(dataclasses.replace(spec, record_updates=False))
 
 
+def test_target_kl_schedule_runs_as_a_schedule_and_sb3_contrib_at_its_start(tmp_path: Path) -> None:
+    config = tmp_path / "trpo.yml"
+    config.write_text(CONFIG + "  target_kl: lin_0.02\n")
+    spec = returns.RunSpec("sb3_trpo", "CartPole-v1", 0, 1500, str(config), 600, 2, record_updates=True)
+    ours = returns.train_and_evaluate(spec)
+    # From 0.02 to a tenth of it over the 1,500 steps, read after each rollout of 512 steps.
+    expected = [0.002 + 0.018 * max(1 - steps / 1500, 0.0) for steps in (512, 1024, 1536)]
+    assert [update["train/target_kl"] for update in ours["updates"]] == pytest.approx(expected)
+    assert ours["config"]["constant_for_impl"] == {}
+    assert ours["config"]["hyperparams"]["target_kl"] == "lin_0.02"
+
+    contrib = returns.train_and_evaluate(dataclasses.replace(spec, impl="sb3_contrib"))
+    assert contrib["config"]["constant_for_impl"] == {"target_kl": 0.02}
+    # Its last step is measured against the start value, not the schedule's end (0.002).
+    kls = [update["train/kl_divergence_loss"] for update in contrib["updates"]]
+    assert kls[-1] > 0.002 * 1.5 and max(kls) <= 0.02 * 1.5
+
+
+def test_constant_target_kl_is_passed_unchanged() -> None:
+    for impl in ("sb3_trpo", "sb3_contrib"):
+        kwargs = {"target_kl": 0.03, "n_steps": 8}
+        assert returns.trust_region_radius(impl, kwargs) == {} and kwargs == {"target_kl": 0.03, "n_steps": 8}
+    kwargs = {"n_steps": 8}
+    assert returns.trust_region_radius("sb3_contrib", kwargs) == {} and kwargs == {"n_steps": 8}
+
+
 def _lock(path: Path, host: str, pid: int) -> str:
     content = json.dumps({"host": host, "pid": pid, "since": 0.0})
     path.write_text(content)
@@ -280,10 +306,19 @@ def test_report_table_on_synthetic_runs(tmp_path: Path) -> None:
     assert trpo.failure_fraction == pytest.approx(0.1)
     assert (contrib.final_mean, contrib.final_std, contrib.best_mean, contrib.best_std) == (-65.0, 35.0, -40.0, 10.0)
     assert (contrib.collapses, contrib.evaluations, contrib.failure_fraction) == (1, 4, 0.0)
+    assert trpo.stability == pytest.approx(20 / (68 / 3)) and contrib.stability is None  # negative best: no ratio
     assert report.markdown_table([trpo, contrib]).splitlines()[2:] == [
-        "| Fake-v0 | sb3_trpo | 3 | 3k | 20.0 ± 8.2 | 22.7 ± 10.0 | 1 / 9 | 10.0% (3/30) | 200 |",
-        "| Fake-v0 | sb3_contrib | 2 | 2k | -65.0 ± 35.0 | -40.0 ± 10.0 | 1 / 4 | 0.0% (0/10) | 60 |",
+        "| Fake-v0 | sb3_trpo | 3 | 3k | 20.0 ± 8.2 | 22.7 ± 10.0 | 88.2% | 1 / 9 | 10.0% (3/30) | 200 |",
+        "| Fake-v0 | sb3_contrib | 2 | 2k | -65.0 ± 35.0 | -40.0 ± 10.0 | n/a | 1 / 4 | 0.0% (0/10) | 60 |",
     ]
+
+
+@pytest.mark.parametrize(
+    ("final", "best", "expected"),
+    [(2669.1, 3510.1, 2669.1 / 3510.1), (50.0, 50.0, 1.0), (-65.0, -40.0, None), (-1.0, 0.0, None)],
+)
+def test_stability_ratio_is_final_over_best_for_a_positive_best(final: float, best: float, expected: float | None) -> None:
+    assert report.stability_ratio(final, best) == (None if expected is None else pytest.approx(expected))
 
 
 def test_report_writes_markdown_and_plot(tmp_path: Path) -> None:
@@ -292,7 +327,7 @@ def test_report_writes_markdown_and_plot(tmp_path: Path) -> None:
     output, plot = tmp_path / "out" / "REPORT.md", tmp_path / "out" / "returns.png"
     assert report.main(["--results-dir", str(results), "--output", str(output), "--plot", str(plot)]) == 0
     text = output.read_text()
-    assert "| Fake-v0 | sb3_trpo | 3 | 3k | 20.0 ± 8.2 | 22.7 ± 10.0 | 1 / 9 | 10.0% (3/30) | 200 |" in text
+    assert "| Fake-v0 | sb3_trpo | 3 | 3k | 20.0 ± 8.2 | 22.7 ± 10.0 | 88.2% | 1 / 9 | 10.0% (3/30) | 200 |" in text
     assert "![learning curves](returns.png)" in text
     assert text.count("| Fake-v0 | sb3_trpo | ") == 4  # the summary row and one row per seed
     # One panel: a 5 x 3.6 inch figure at 110 dpi.
@@ -301,23 +336,28 @@ def test_report_writes_markdown_and_plot(tmp_path: Path) -> None:
 
 
 def test_targets_table_compares_common_seeds_at_the_budget() -> None:
-    def run(impl: str, seed: int, final: float, steps: int = 1_000_000) -> dict:
-        return {**_record(impl, seed, [0.0, final], 0, 1, 1.0), "env_id": "Hopper-v5", "total_timesteps": steps}
+    def run(impl: str, seed: int, final: float, best: float | None = None, steps: int = 1_000_000) -> dict:
+        means = [0.0, final] if best is None else [0.0, best, final]
+        return {**_record(impl, seed, means, 0, 1, 1.0), "env_id": "Hopper-v5", "total_timesteps": steps}
 
     records = [
-        run("sb3_trpo", 0, 3000.0),
+        run("sb3_trpo", 0, 3000.0, best=4000.0),
         run("sb3_trpo", 1, 3800.0),
-        run("sb3_trpo", 2, 100.0),  # no sb3-contrib run with seed 2: left out
+        run("sb3_trpo", 2, 100.0, best=9000.0),  # no sb3-contrib run with seed 2: left out
         run("sb3_trpo", 3, 5000.0, steps=300_000),  # another budget: left out
-        run("sb3_contrib", 0, 2000.0),
+        run("sb3_contrib", 0, 2000.0, best=2500.0),
         run("sb3_contrib", 1, 3000.0),
         run("sb3_contrib", 3, 0.0, steps=300_000),
     ]
     rows = report.targets_table(report.group(records)).splitlines()
     assert len(rows) == 2 + len(report.TARGETS)
     # Resampled means: 3400 +- 400 or 3400, against 2500 +- 500 or 2500; their differences span [+0, +1800].
-    assert "| Hopper-v5 | 1M | 0, 1 | 2500.0 ± 500.0 | 3400.0 ± 400.0 | yes | +900.0 [+0.0, +1800.0] | 3600 | no |" in rows
-    assert "| Humanoid-v5 | 2M | none | not run | not run | | | 1000 | |" in rows
+    # final/best over seeds 0-1: 2500 / 2750 (sb3-contrib), 3400 / 3900 (sb3_trpo).
+    assert (
+        "| Hopper-v5 | 1M | 0, 1 | 2500.0 ± 500.0 | 3400.0 ± 400.0 | yes | +900.0 [+0.0, +1800.0] | 3600 | no "
+        "| 90.9% | 87.2% |"
+    ) in rows
+    assert "| Humanoid-v5 | 2M | none | not run | not run | | | 1000 | | | |" in rows
 
 
 def test_difference_interval_matches_the_normal_interval_on_large_samples() -> None:

@@ -6,6 +6,9 @@ Definitions (per implementation and environment, over the seeds found):
 
 - *final*: the last evaluation of each run (the policy ``learn()`` returned); mean ± std over seeds.
 - *best*: the highest evaluation of each run; mean ± std over seeds.
+- *final/best*: the stability ratio, mean final over mean best; below 1 when runs lose late what
+  they had learned (1 when every run ends at its best). Shown only where the mean best is
+  positive: for a negative best a ratio above 1 would mean a fall.
 - std is the population standard deviation (``ddof=0``, as rl-zoo3's plots use); it is 0 for one seed.
 - *collapses*: evaluations, summed over seeds, whose return ``r`` is more than 30% below the best
   return ``b`` of the earlier evaluations of the same run, measured on the magnitude of ``b``:
@@ -18,9 +21,10 @@ Definitions (per implementation and environment, over the seeds found):
 - *targets*: for each MuJoCo task of ``TARGETS``, the final return of both implementations at the
   target budget, over the seeds both have run (sb3-contrib with the same settings and seeds is
   the floor), next to the goal: the best TRPO result published at that budget on an older
-  version of the task. The *difference* column is sb3_trpo's mean minus sb3-contrib's, with a 95%
-  percentile-bootstrap interval (seeds resampled with replacement within each implementation):
-  an interval that contains 0 means the seeds do not tell the two apart.
+  version of the task, and each implementation's final/best ratio over those seeds. The
+  *difference* column is sb3_trpo's mean minus sb3-contrib's, with a 95% percentile-bootstrap
+  interval (seeds resampled with replacement within each implementation): an interval that
+  contains 0 means the seeds do not tell the two apart.
 """
 
 from __future__ import annotations
@@ -72,6 +76,19 @@ class Summary:
     @property
     def failure_fraction(self) -> float | None:
         return self.line_search_failures / self.updates if self.updates else None
+
+    @property
+    def stability(self) -> float | None:
+        return stability_ratio(self.final_mean, self.best_mean)
+
+
+def stability_ratio(final_mean: float, best_mean: float) -> float | None:
+    """Mean final return over mean best return during training; ``None`` unless the mean best is positive."""
+    return final_mean / best_mean if best_mean > 0 else None
+
+
+def _percent(ratio: float | None) -> str:
+    return "n/a" if ratio is None else f"{100 * ratio:.1f}%"
 
 
 def collapse_count(returns: Sequence[float], drop: float = COLLAPSE_DROP) -> int:
@@ -146,8 +163,9 @@ def _steps(timesteps: list[int]) -> str:
 
 def markdown_table(summaries: Sequence[Summary]) -> str:
     lines = [
-        "| env | impl | seeds | steps | final return | best return | collapses | failed line searches | steps/s |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| env | impl | seeds | steps | final return | best return | final/best | collapses | failed line searches "
+        "| steps/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in summaries:
         fraction = row.failure_fraction
@@ -156,7 +174,7 @@ def markdown_table(summaries: Sequence[Summary]) -> str:
         lines.append(
             f"| {row.env_id} | {row.impl} | {row.n_seeds} | {_steps(row.timesteps)} "
             f"| {row.final_mean:.1f} ± {row.final_std:.1f} | {row.best_mean:.1f} ± {row.best_std:.1f} "
-            f"| {row.collapses} / {row.evaluations} | {failures} | {speed} |"
+            f"| {_percent(row.stability)} | {row.collapses} / {row.evaluations} | {failures} | {speed} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -187,29 +205,32 @@ def targets_table(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
     """Both implementations against each other and the goal, per task of ``TARGETS``, on their common seeds."""
     lines = [
         "| env | budget | common seeds | sb3-contrib final | sb3_trpo final | sb3_trpo >= floor "
-        "| difference (95% interval) | goal | goal reached |",
-        "|---|---:|---|---:|---:|---|---:|---:|---|",
+        "| difference (95% interval) | goal | goal reached | sb3-contrib final/best | sb3_trpo final/best |",
+        "|---|---:|---|---:|---:|---|---:|---:|---|---:|---:|",
     ]
     for env_id, (budget, goal) in TARGETS.items():
-        finals = {
+        curves = {
             impl: {
-                run["seed"]: run["evaluation"]["mean"][-1]
+                run["seed"]: run["evaluation"]["mean"]
                 for run in groups.get((env_id, impl), [])
                 if int(run["total_timesteps"]) == budget
             }
             for impl in IMPL_ORDER
         }
-        seeds = sorted(set(finals["sb3_trpo"]) & set(finals["sb3_contrib"]))
+        seeds = sorted(set(curves["sb3_trpo"]) & set(curves["sb3_contrib"]))
         if not seeds:
-            lines.append(f"| {env_id} | {_steps([budget])} | none | not run | not run | | | {goal:g} | |")
+            lines.append(f"| {env_id} | {_steps([budget])} | none | not run | not run | | | {goal:g} | | | |")
             continue
-        ours, floor = (np.array([finals[impl][seed] for seed in seeds]) for impl in IMPL_ORDER)
+        ours, floor = (np.array([curves[impl][seed][-1] for seed in seeds]) for impl in IMPL_ORDER)
+        ours_best, floor_best = (np.array([max(curves[impl][seed]) for seed in seeds]) for impl in IMPL_ORDER)
         low, high = difference_interval(ours, floor)
         lines.append(
             f"| {env_id} | {_steps([budget])} | {', '.join(map(str, seeds))} | {floor.mean():.1f} ± {floor.std():.1f} "
             f"| {ours.mean():.1f} ± {ours.std():.1f} | {'yes' if ours.mean() >= floor.mean() else 'no'} "
             f"| {ours.mean() - floor.mean():+.1f} [{low:+.1f}, {high:+.1f}] | {goal:g} "
-            f"| {'yes' if ours.mean() >= goal else 'no'} |"
+            f"| {'yes' if ours.mean() >= goal else 'no'} "
+            f"| {_percent(stability_ratio(floor.mean(), floor_best.mean()))} "
+            f"| {_percent(stability_ratio(ours.mean(), ours_best.mean()))} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -311,7 +332,8 @@ def render_report(
         "with the training VecNormalize statistics, frozen.",
         "",
         markdown_table(summaries),
-        "final/best: mean ± std (population, ddof=0) over seeds of the last/highest evaluation of each run. "
+        "final/best return: mean ± std (population, ddof=0) over seeds of the last/highest evaluation of each run. "
+        "final/best: the mean final return over the mean best return (the stability ratio). "
         "collapses: evaluations more than 30% below the best earlier evaluation of the same run "
         "(`r < b - 0.3|b|`), over all evaluations. failed line searches: updates whose line search "
         "accepted no step. steps/s: training only, evaluation excluded, "
@@ -326,7 +348,7 @@ def render_report(
         targets_table(groups),
         "Final return: mean ± std over the seeds both implementations have run at the budget. Goals: the "
         "best TRPO results published at that budget, on older versions of the tasks (other metrics, see "
-        "BENCHMARKS.md).",
+        "BENCHMARKS.md). final/best: each implementation's mean final over its mean best return, same seeds.",
         "",
     ]
     parts += ["## Runs", "", _per_run_table(groups), f"Versions: {_versions(records)}.", ""]

@@ -7,7 +7,9 @@ exists, else rl-zoo3's own ``hyperparams/trpo.yml``); an environment without an 
 own uses the entry of the same task with the highest lower version (``Hopper-v4`` for
 ``Hopper-v5``), then ``default``. rl-zoo3's :class:`ExperimentManager` turns the entry into
 constructor arguments and environments (schedules such as ``lin_1e-3``, ``normalize``,
-``n_envs``, ``policy_kwargs`` strings, wrappers), exactly as ``rl_zoo3.train`` does.
+``n_envs``, ``policy_kwargs`` strings, wrappers), exactly as ``rl_zoo3.train`` does; a
+``target_kl`` written ``lin_<start>`` becomes the package's schedule, and sb3-contrib, whose
+``target_kl`` is a constant, runs with its start value (recorded in the run file).
 
 Every ``--eval-freq`` environment steps, and once more on the final policy, the policy is
 evaluated deterministically on a separate environment whose ``VecNormalize`` statistics are
@@ -57,6 +59,8 @@ import numpy as np
 import yaml
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
+
+from sb3_trpo.hyperparams import target_kl_schedule
 
 IMPLEMENTATIONS = {"sb3_trpo": "sb3_trpo:TRPO", "sb3_contrib": "sb3_contrib:TRPO"}
 PACKAGES = ("sb3_trpo", "stable_baselines3", "sb3_contrib", "rl_zoo3", "torch", "gymnasium", "mujoco", "numpy")
@@ -217,6 +221,24 @@ class FinalEvalCallback(EvalCallback):
 
 
 # ------------------------------------------------------------------------ runs
+def trust_region_radius(impl: str, kwargs: dict[str, Any]) -> dict[str, float]:
+    """
+    Turn a ``target_kl`` written as ``lin_<start>`` into the package's schedule, in place (rl-zoo3
+    makes schedules of its own keys only), and give sb3-contrib, whose ``target_kl`` is a constant,
+    the schedule's start value.
+
+    :param impl: the implementation the keyword arguments are for
+    :param kwargs: its constructor arguments, changed in place
+    :return: the arguments replaced by a constant, with the constant (empty when none was)
+    """
+    if isinstance(kwargs.get("target_kl"), str):
+        kwargs["target_kl"] = target_kl_schedule(kwargs["target_kl"])
+    if impl == "sb3_contrib" and callable(kwargs.get("target_kl")):
+        kwargs["target_kl"] = float(kwargs["target_kl"](1.0))
+        return {"target_kl": kwargs["target_kl"]}
+    return {}
+
+
 def train_and_evaluate(spec: RunSpec) -> dict[str, Any]:
     """Train one run and return its result record (not written anywhere)."""
     from rl_zoo3.exp_manager import ExperimentManager
@@ -240,6 +262,7 @@ def train_and_evaluate(spec: RunSpec) -> dict[str, Any]:
     accepted = inspect.signature(cls.__init__).parameters
     dropped = sorted(key for key in kwargs if key not in accepted)
     kwargs = {key: value for key, value in kwargs.items() if key in accepted}
+    constant = trust_region_radius(spec.impl, kwargs)
 
     env = manager.create_envs(manager.n_envs, no_log=True)
     eval_env = manager.create_envs(1, eval_env=True)
@@ -284,6 +307,7 @@ def train_and_evaluate(spec: RunSpec) -> dict[str, Any]:
             "entry": entry,
             "hyperparams": raw,
             "dropped_for_impl": dropped,
+            "constant_for_impl": constant,
         },
         "evaluation": {
             "freq": spec.eval_freq,
