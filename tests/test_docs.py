@@ -68,11 +68,7 @@ def test_page_examples_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_figures_quoted_in_the_docs_are_those_of_benchmarks_md() -> None:
     benchmarks = (REPO / "BENCHMARKS.md").read_text()
-    quoted = {
-        figure: page.relative_to(REPO)
-        for page in PAGES
-        for figure in FIGURE.findall(page.read_text())
-    }
+    quoted = {figure: page.relative_to(REPO) for page in PAGES for figure in FIGURE.findall(page.read_text())}
     assert quoted
     missing = {figure: str(page) for figure, page in quoted.items() if figure not in benchmarks}
     assert not missing, f"figures not in BENCHMARKS.md: {missing}"
