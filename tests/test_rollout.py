@@ -10,7 +10,7 @@ the training mode and BatchNorm's running statistics.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import gymnasium as gym
@@ -32,7 +32,14 @@ from torch import nn
 
 from sb3_trpo import NPG, TRPO, MaskableTRPO, RecurrentTRPO
 from sb3_trpo.common.policies import split_actor_critic
-from sb3_trpo.common.rollout import action_sampler, batched_rollout_sampler, gaussian_mlp_sampler
+from sb3_trpo.common.rollout import (
+    ELEMENTWISE_GRAIN_SIZE,
+    action_sampler,
+    batched_rollout_sampler,
+    gaussian_mlp_sampler,
+    mkl_thread_setter,
+    one_thread_gives_the_same_bits,
+)
 
 SEED = 3
 
@@ -443,8 +450,19 @@ POLICIES = {
 }
 
 
+@pytest.fixture
+def two_threads() -> Iterator[None]:
+    """Torch on two threads, where MKL splits some products among threads (7 rows on this machine)."""
+    threads = th.get_num_threads()
+    th.set_num_threads(2)
+    yield
+    th.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("two_threads")
 @pytest.mark.parametrize("name", list(POLICIES))
-@pytest.mark.parametrize("n_observations", [1, 2, 3, 15, 16, 17, 64])  # torch draws normals in blocks of 16
+# torch draws normals in blocks of 16; MKL on two threads splits 7 rows differently from one thread
+@pytest.mark.parametrize("n_observations", [1, 2, 3, 7, 15, 16, 17, 64])
 def test_gaussian_mlp_sampler_draws_the_bits_policy_forward_draws(name: str, n_observations: int) -> None:
     action_shape = (2, 3) if "matrix" in name else (6,)
     observation_space = spaces.Box(-np.inf, np.inf, (17,), dtype=np.float64)
@@ -461,6 +479,46 @@ def test_gaussian_mlp_sampler_draws_the_bits_policy_forward_draws(name: str, n_o
         actions = _sampled(policy, observations, trial)
         assert actions.shape == (n_observations, *action_shape)
         assert np.array_equal(actions, expected.reshape(actions.shape))
+
+
+def test_one_thread_check_compares_the_layers_bits() -> None:
+    layers = [nn.Linear(17, 64), nn.Tanh(), nn.Linear(64, 6)]
+    latent = th.zeros(5, 17)
+    assert one_thread_gives_the_same_bits(layers, latent, lambda threads: 0)
+    calls: list[int] = []
+
+    def rounding_setter(threads: int) -> int:
+        # a "one thread" MKL that rounds differently: the next product is off by one ulp
+        calls.append(threads)
+        return 0
+
+    original = th.nn.functional.linear
+    try:
+        th.nn.functional.linear = lambda x, w, b: (
+            original(x, w, b) if len(calls) % 2 == 0 else original(x, w, b).nextafter(th.tensor(np.inf))
+        )
+        assert not one_thread_gives_the_same_bits(layers, latent, rounding_setter)
+    finally:
+        th.nn.functional.linear = original
+    assert calls and calls[0] == 1
+
+
+def test_one_thread_check_refuses_outputs_that_elementwise_kernels_split() -> None:
+    width = ELEMENTWISE_GRAIN_SIZE // 64
+    layers = [nn.Linear(3, 64), nn.Tanh()]
+    assert one_thread_gives_the_same_bits(layers, th.zeros(width - 1, 3), lambda threads: 0)
+    assert not one_thread_gives_the_same_bits(layers, th.zeros(width, 3), lambda threads: 0)
+
+
+@pytest.mark.skipif(mkl_thread_setter() is None, reason="torch does not compute with MKL here")
+@pytest.mark.usefixtures("two_threads")
+def test_mkl_thread_setter_sets_and_restores_the_calling_threads_setting() -> None:
+    set_threads = mkl_thread_setter()
+    assert set_threads is not None
+    previous = set_threads(1)  # torch's set_num_threads sets MKL's thread-local setting too
+    assert previous in (0, 2)
+    assert set_threads(previous) == 1
+    assert th.get_num_threads() == 2
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,12 @@ exactly; everything else runs SB3's own loop.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -112,6 +115,8 @@ WEIGHT_NEUTRAL_CALLBACKS = frozenset(
         sb3_callbacks.ProgressBarCallback,
     }
 )
+# torch's ``at::internal::GRAIN_SIZE``: element-wise kernels on fewer elements run on one thread.
+ELEMENTWISE_GRAIN_SIZE = 32768
 # rl-zoo3's, when it is loaded (``python -m rl_zoo3.train`` adds them to every run).
 ZOO_WEIGHT_NEUTRAL_CALLBACKS = ("SaveVecNormalizeCallback", "TrialEvalCallback", "RawStatisticsCallback")
 
@@ -228,6 +233,11 @@ def gaussian_mlp_sampler(policy: ActorCriticPolicy) -> ActionSampler | None:
     ``Normal`` refuses a NaN mean or a standard deviation that is not positive: such a step
     is handed, before anything is drawn, to SB3's own ``get_distribution(obs).get_actions()``,
     which draws or raises exactly as SB3 would.
+
+    The linear layers run with MKL on one thread where :func:`one_thread_gives_the_same_bits`
+    shows that this computes what torch's thread count computes for the batch's shapes: with
+    more threads, each small matrix product wakes a sleeping OpenMP worker, which costs more
+    than the environment step.
     """
     if not (
         policy.device.type == "cpu"
@@ -239,18 +249,30 @@ def gaussian_mlp_sampler(policy: ActorCriticPolicy) -> ActionSampler | None:
     ):
         return None
     flatten = policy.pi_features_extractor.flatten
-    layers = [
-        _linear(module._parameters) if type(module) is nn.Linear else module.forward
-        for module in [*policy.mlp_extractor.policy_net, policy.action_net]
-    ]
+    modules = [*policy.mlp_extractor.policy_net, policy.action_net]
+    layers = [_linear(module._parameters) if type(module) is nn.Linear else module.forward for module in modules]
+    weights = [module._parameters for module in modules if type(module) is nn.Linear]
     own_parameters = policy._parameters
     shape = (-1, *policy.action_space.shape)  # type: ignore[misc]
+    set_mkl_threads = mkl_thread_setter()
+    one_thread: dict[tuple, bool] = {}
 
     def sample(observations: Observations) -> np.ndarray:
         with th.inference_mode():
             latent = flatten.forward(th.as_tensor(observations).float())
-            for layer in layers:
-                latent = layer(latent)
+            previous_threads = None
+            if set_mkl_threads is not None and th.get_num_threads() > 1:
+                layout = (th.get_num_threads(), latent.shape, latent.stride(), *_layouts(weights))
+                if layout not in one_thread:
+                    one_thread[layout] = one_thread_gives_the_same_bits(modules, latent, set_mkl_threads)
+                if one_thread[layout]:
+                    previous_threads = set_mkl_threads(1)
+            try:
+                for layer in layers:
+                    latent = layer(latent)
+            finally:
+                if previous_threads is not None:
+                    set_mkl_threads(previous_threads)  # type: ignore[misc]
             std = own_parameters["log_std"].exp()  # type: ignore[union-attr]
             valid = not np.isnan(latent.numpy()).any() and all(value > 0 for value in std.tolist())
             if valid:
@@ -270,6 +292,62 @@ def _linear(parameters: dict[str, nn.Parameter | None]) -> Callable[[th.Tensor],
         return F.linear(latent, parameters["weight"], parameters["bias"])  # type: ignore[arg-type]
 
     return linear
+
+
+@functools.cache
+def mkl_thread_setter() -> Callable[[int], int] | None:
+    """MKL's ``mkl_set_num_threads_local`` in torch's library, or None where torch does not compute with MKL.
+
+    It sets the number of threads MKL uses in the calling thread only and returns the previous
+    setting (0: the global one), so nothing else in the process computes on fewer threads.
+    """
+    if not th.backends.mkl.is_available():
+        return None
+    try:
+        setter = ctypes.CDLL(str(Path(th.__file__).parent / "lib" / "libtorch_cpu.so")).MKL_Set_Num_Threads_Local
+    except (OSError, AttributeError):
+        return None
+    setter.argtypes = [ctypes.c_int]
+    setter.restype = ctypes.c_int
+    return setter
+
+
+def _layouts(weights: list[dict[str, nn.Parameter | None]]) -> list[tuple]:
+    return [(w["weight"].shape, w["weight"].stride(), w["bias"] is not None) for w in weights]  # type: ignore[union-attr]
+
+
+def one_thread_gives_the_same_bits(modules: list[nn.Module], latent: th.Tensor, set_mkl_threads: Callable[[int], int]) -> bool:
+    """Whether ``modules`` give the same bits with MKL on one thread as on torch's thread count, for inputs like ``latent``.
+
+    MKL picks its kernel, and how it splits the product among threads, from the shapes, the
+    memory layout and the thread count, not from the values (for 7 rows on 2 threads it splits
+    the rows and rounds differently). So the layers are computed on random values laid out as
+    the real ones, with both settings: different kernels would give different bits. The other
+    layers' element-wise kernels split a tensor among threads only from
+    ``at::internal::GRAIN_SIZE`` (32,768) elements; larger outputs are refused.
+    """
+    generator = th.Generator().manual_seed(0)
+
+    def like(tensor: th.Tensor) -> th.Tensor:
+        return th.empty_strided(tensor.shape, tensor.stride()).copy_(th.randn(tensor.shape, generator=generator))
+
+    default = like(latent)
+    one = default.clone()
+    for module in modules:
+        if type(module) is nn.Linear:
+            weight = like(module.weight)
+            bias = None if module.bias is None else like(module.bias)
+            default = F.linear(default, weight, bias)
+            previous = set_mkl_threads(1)
+            try:
+                one = F.linear(one, weight, bias)
+            finally:
+                set_mkl_threads(previous)
+        else:
+            default, one = module(default), module(one)
+        if default.numel() >= ELEMENTWISE_GRAIN_SIZE or not th.equal(default, one):
+            return False
+    return True
 
 
 # ------------------------------------------------------------------ the buffer
