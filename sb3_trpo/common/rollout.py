@@ -222,22 +222,24 @@ def gaussian_mlp_sampler(policy: ActorCriticPolicy) -> ActionSampler | None:
     For flat (non-image) Box observations, a ``FlattenExtractor`` and a Gaussian head, SB3's
     ``get_distribution(obs).get_actions()`` is ``obs.float()``, the flatten, each layer of
     ``mlp_extractor.policy_net`` and ``action_net``, then ``th.normal(mean, std)`` with
-    ``std = log_std.exp()``, which fills its output by ``normal_``, then ``mul_(std).add_(mean)``.
-    The same operations run here on the same inputs, so they give the same bits: each layer's
-    own ``forward`` (what ``layer(x)`` runs without hooks, which :func:`recognised_policy`
-    checks; a ``Linear`` layer's ``F.linear`` with the parameters read from the module's
-    dict at every step) and ``th.normal``'s three operations one by one, on a tensor of the
-    same shape from the same generator. They run in inference mode, which skips autograd's
-    per-operation bookkeeping and calls the same kernels as SB3's ``no_grad``.
+    ``std = log_std.exp()``, which fills a new tensor by ``normal_``, then ``mul_(std).add_(mean)``.
+    The same operations run here on the same inputs, so they give the same bits:
+
+    - the cast to float32 and the flatten;
+    - each layer's own ``forward`` (what ``layer(x)`` runs without hooks, which
+      :func:`recognised_policy` checks; a ``Linear`` layer's ``F.linear`` with the parameters
+      read from the module's dict at every step), in inference mode, which skips autograd's
+      bookkeeping and calls the same kernels as SB3's ``no_grad``; with MKL on one thread
+      where :func:`one_thread_gives_the_same_bits` shows that this computes what torch's
+      thread count computes for the batch's shapes (with more threads, each small product
+      wakes a sleeping OpenMP worker, which costs more than the environment step);
+    - ``normal_`` on a tensor of the mean's shape from the same generator (the same draws in
+      the same order), then the float32 product and sum in NumPy (IEEE multiplication and
+      addition, rounded once each, as ``mul_`` and ``add_``).
 
     ``Normal`` refuses a NaN mean or a standard deviation that is not positive: such a step
     is handed, before anything is drawn, to SB3's own ``get_distribution(obs).get_actions()``,
     which draws or raises exactly as SB3 would.
-
-    The linear layers run with MKL on one thread where :func:`one_thread_gives_the_same_bits`
-    shows that this computes what torch's thread count computes for the batch's shapes: with
-    more threads, each small matrix product wakes a sleeping OpenMP worker, which costs more
-    than the environment step.
     """
     if not (
         policy.device.type == "cpu"
@@ -256,13 +258,14 @@ def gaussian_mlp_sampler(policy: ActorCriticPolicy) -> ActionSampler | None:
     shape = (-1, *policy.action_space.shape)  # type: ignore[misc]
     set_mkl_threads = mkl_thread_setter()
     one_thread: dict[tuple, bool] = {}
+    noise: dict[tuple[int, ...], th.Tensor] = {}
 
     def sample(observations: Observations) -> np.ndarray:
         with th.inference_mode():
             latent = flatten.forward(th.as_tensor(observations).float())
             previous_threads = None
             if set_mkl_threads is not None and th.get_num_threads() > 1:
-                layout = (th.get_num_threads(), latent.shape, latent.stride(), *_layouts(weights))
+                layout = (th.get_num_threads(), latent.shape, *_layouts(weights))
                 if layout not in one_thread:
                     one_thread[layout] = one_thread_gives_the_same_bits(modules, latent, set_mkl_threads)
                 if one_thread[layout]:
@@ -273,16 +276,23 @@ def gaussian_mlp_sampler(policy: ActorCriticPolicy) -> ActionSampler | None:
             finally:
                 if previous_threads is not None:
                     set_mkl_threads(previous_threads)  # type: ignore[misc]
-            std = own_parameters["log_std"].exp()  # type: ignore[union-attr]
-            valid = not np.isnan(latent.numpy()).any() and all(value > 0 for value in std.tolist())
-            if valid:
-                actions = th.empty_like(latent).normal_().mul_(std).add_(latent)
-        if not valid:
-            with th.no_grad():
-                actions = policy.get_distribution(obs_as_tensor(observations, policy.device)).get_actions()
-        return actions.numpy().reshape(shape)
+            mean = latent.numpy()
+            std = own_parameters["log_std"].exp().numpy()  # type: ignore[union-attr]
+            if np.isnan(mean).any() or not (std > 0).all():
+                return _sb3_actions(policy, observations, shape)
+            if mean.shape not in noise:
+                noise[mean.shape] = th.empty(mean.shape)
+            standard_normal = noise[mean.shape].normal_().numpy()
+        return (standard_normal * std + mean).reshape(shape)
 
     return sample
+
+
+def _sb3_actions(policy: ActorCriticPolicy, observations: Observations, shape: tuple[int, ...]) -> np.ndarray:
+    """SB3's own ``get_distribution(obs).get_actions()``, which draws or raises as SB3 does."""
+    with th.no_grad():
+        actions = policy.get_distribution(obs_as_tensor(observations, policy.device)).get_actions()
+    return actions.numpy().reshape(shape)
 
 
 def _linear(parameters: dict[str, nn.Parameter | None]) -> Callable[[th.Tensor], th.Tensor]:
