@@ -10,11 +10,13 @@ Each trial trains with hyperparameters from ``sample_trpo_params``, evaluates th
 ``--n-evaluations`` times during training and reports each mean return to Optuna, whose
 median pruner stops trials that fall behind. A shared storage is opened with Optuna's
 heartbeat: the trial of a worker that died (killed, out of memory, node lost) is failed
-once it has had no heartbeat for ``--grace-period`` seconds, and run again by a worker
-that starts a trial after that. At the end the script prints the best
-parameters and writes, in ``--output-dir``: ``trpo.yml`` (the best trial as a zoo_configs
-entry), and the optimization history and parameter importances as HTML (plotly) and PNG
-(matplotlib).
+once it has had no heartbeat for ``--grace-period`` seconds, and run again (at most
+``--max-retry`` times) by a worker that starts a trial after that. SIGINT or SIGTERM stops
+a worker: its running trial becomes FAIL, the reason in its ``fail_reason`` system
+attribute, and is enqueued again; the worker reports what finished and exits with
+128 + the signal number. At the end the script prints the best parameters and writes, in
+``--output-dir``: ``trpo.yml`` (the best trial as a zoo_configs entry), and the
+optimization history and parameter importances as HTML (plotly) and PNG (matplotlib).
 """
 
 from __future__ import annotations
@@ -36,7 +38,11 @@ from sb3_trpo import TRPO, NonFiniteError
 from sb3_trpo.hyperparams import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_MAX_RETRY,
+    SignalStop,
+    WorkerStopped,
     check_env_id,
+    check_fault_options,
     check_storage,
     config_entry,
     open_storage,
@@ -141,11 +147,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_GRACE_PERIOD,
         help="seconds without a heartbeat after which a trial's worker counts as dead: the trial is failed and run again",
     )
+    parser.add_argument(
+        "--max-retry",
+        type=int,
+        default=DEFAULT_MAX_RETRY,
+        help="times a trial whose worker died or was stopped is run again (an integer >= 0; 0: never)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler")
     parser.add_argument("--output-dir", type=Path, default=Path("tune_results"), help="where the config and plots go")
     args = parser.parse_args(argv)
-    if not 0 < args.heartbeat_interval < args.grace_period:
-        parser.error("--grace-period must exceed --heartbeat-interval, and both be positive")
+    try:
+        check_fault_options(args.heartbeat_interval, args.grace_period, args.max_retry, as_options=True)
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 
@@ -158,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as error:
         sys.exit(f"error: {error}")
 
-    storage = open_storage(args.storage, args.heartbeat_interval, args.grace_period) if args.storage else None
+    storage = open_storage(args.storage, args.heartbeat_interval, args.grace_period, args.max_retry) if args.storage else None
     study = optuna.create_study(
         storage=storage,
         study_name=args.study_name,
@@ -167,16 +181,25 @@ def main(argv: list[str] | None = None) -> None:
         sampler=optuna.samplers.TPESampler(n_startup_trials=args.n_startup_trials, seed=args.seed, multivariate=True),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=args.n_startup_trials, n_warmup_steps=args.n_evaluations // 3),
     )
-    study.optimize(
-        lambda trial: objective(trial, args), n_trials=args.n_trials or None, timeout=args.timeout, gc_after_trial=True
-    )
+    stop = SignalStop(args.max_retry)
+    with stop.handling():
+        try:
+            study.optimize(
+                stop.stoppable(lambda trial: objective(trial, args)),
+                n_trials=args.n_trials or None,
+                timeout=args.timeout,
+                gc_after_trial=True,
+            )
+        except WorkerStopped:
+            print(stop.summary(), file=sys.stderr)
 
     states = [trial.state.name for trial in study.trials]
     print(
         f"Study {study.study_name}: {len(states)} trials, {states.count('COMPLETE')} complete, {states.count('PRUNED')} pruned"
     )
     if states.count("COMPLETE") == 0:
-        sys.exit("error: no trial completed; nothing to report")
+        print("error: no trial completed; nothing to report", file=sys.stderr)
+        sys.exit(stop.exit_status or 1)
     best = study.best_trial
     print(f"Best trial {best.number}: mean return {best.value:.2f}")
     for name, value in best.params.items():
@@ -187,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Config entry: {config_path}")
     for path in save_plots(study, args.output_dir):
         print(f"Plot: {path}")
+    if stop.exit_status:
+        sys.exit(stop.exit_status)
 
 
 if __name__ == "__main__":

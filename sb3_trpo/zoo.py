@@ -3,16 +3,19 @@
 ``python -m sb3_trpo.zoo train --algo trpo --env Pendulum-v1 [any rl-zoo3 train option]``
 ``python -m sb3_trpo.zoo enjoy --algo trpo --env Pendulum-v1 -f logs/ [any rl-zoo3 enjoy option]``
 
-``train -optimize`` takes three options of its own: ``--enqueue-entry``, the config entry of
+``train -optimize`` takes four options of its own: ``--enqueue-entry``, the config entry of
 ``--env`` becomes a trial of the study (``--storage`` and ``--study-name`` needed) before
 rl-zoo3's sampler proposes any; ``--heartbeat-interval`` and ``--grace-period``, the
 seconds of Optuna's heartbeat with which an RDB storage is opened (a trial without a
-heartbeat for the grace period has lost its worker: it is failed and run again).
+heartbeat for the grace period has lost its worker: it is failed and run again), and
+``--max-retry``, how many times such a trial is run again.
 Workers started together on an empty storage are safe: the storage is opened and the
 entry enqueued under a lock (:func:`sb3_trpo.hyperparams.storage_lock`). SIGINT or SIGTERM
-stops a worker: its running trial becomes FAIL (the reason in its ``fail_reason`` system
-attribute) and is enqueued again, rl-zoo3 writes its report, and the exit status is
-128 + the signal number; it is 0 when no trial was stopped.
+stops a worker (:class:`sb3_trpo.hyperparams.SignalStop`): its running trials become FAIL
+(the reason in their ``fail_reason`` system attribute) and are enqueued again, rl-zoo3
+writes its report, and the exit status is 128 + the signal number; it is 0 when no trial
+was stopped. Stopped before any trial of the study completed, the worker says so in one
+line and exits with the same status: there is no best trial to report.
 
 Before rl-zoo3 parses the command line, ``trpo`` (and ``npg``, and the variants the
 package defines) are bound to this package's classes, samplers and converter, and
@@ -28,11 +31,9 @@ import difflib
 import functools
 import importlib
 import inspect
-import signal
 import sys
-import warnings
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,9 +52,12 @@ import sb3_trpo
 from sb3_trpo.hyperparams import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_HEARTBEAT_INTERVAL,
-    MAX_RETRY,
+    DEFAULT_MAX_RETRY,
     Sampler,
+    SignalStop,
+    SignalStopCallback,
     check_env_id,
+    check_fault_options,
     check_storage,
     config_entry,
     enqueue_unless_measured,
@@ -73,6 +77,9 @@ PROG = "python -m sb3_trpo.zoo"
 ENQUEUE_ENTRY = "--enqueue-entry"
 HEARTBEAT_INTERVAL = "--heartbeat-interval"
 GRACE_PERIOD = "--grace-period"
+MAX_RETRY = "--max-retry"
+# The callback that stops a trial at its next step, by the name rl-zoo3's "callback" entry takes.
+STOP_CALLBACK = f"{SignalStopCallback.__module__}.{SignalStopCallback.__name__}"
 # Constructor arguments that rl-zoo3 sets from its command line, never from a config.
 SET_BY_RL_ZOO3 = ("env", "tensorboard_log", "seed", "verbose", "device")
 
@@ -113,18 +120,6 @@ if MASKED_DEMO_ENV not in gym.registry:
 
 class ZooInputError(ValueError):
     """Bad input found before training: the run stops with this message."""
-
-
-class WorkerStopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM reached a tuning worker: raised in its running trial.
-
-    A ``KeyboardInterrupt``, so that Optuna fails the trial and rl-zoo3 ends the
-    optimization as on Ctrl-C, writing its report.
-    """
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 def register() -> list[str]:
@@ -194,6 +189,7 @@ class CheckedExperimentManager(ExperimentManager):
     :param heartbeat_interval: seconds between the heartbeats of a running trial in an RDB storage
     :param grace_period: seconds without a heartbeat after which a running trial counts as
         dead: it is failed and enqueued again when a worker next starts a trial
+    :param max_retry: how many times a trial whose worker died or was stopped is run again
     :param kwargs: rl-zoo3's keyword arguments
     """
 
@@ -205,16 +201,15 @@ class CheckedExperimentManager(ExperimentManager):
         enqueue_entry: bool = False,
         heartbeat_interval: int = DEFAULT_HEARTBEAT_INTERVAL,
         grace_period: int = DEFAULT_GRACE_PERIOD,
+        max_retry: int = DEFAULT_MAX_RETRY,
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
         self.enqueue_entry = enqueue_entry
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period
-        # The first stop signal received, the trials running and the trial a signal stopped.
-        self._stop_signal: int | None = None
-        self._n_running = 0
-        self._stopped_trial: int | None = None
+        self.max_retry = max_retry
+        self._stop = SignalStop(max_retry)
 
     @staticmethod
     def _preprocess_schedules(hyperparams: dict[str, Any]) -> dict[str, Any]:
@@ -259,68 +254,46 @@ class CheckedExperimentManager(ExperimentManager):
     def hyperparameters_optimization(self) -> None:
         storage = None
         if self.storage is not None:
-            storage = open_storage(self.storage, self.heartbeat_interval, self.grace_period)
+            storage = open_storage(self.storage, self.heartbeat_interval, self.grace_period, self.max_retry)
             if self.enqueue_entry:
                 with storage_lock(self.storage):
                     study = optuna.create_study(
                         storage=storage, study_name=self.study_name, load_if_exists=True, direction="maximize"
                     )
                     enqueue_unless_measured(study, self._entry_params)
+        studies: list[optuna.Study] = []
         create_study = optuna.create_study
-        # rl-zoo3 opens its study from the URL; it gets the storage opened here, with heartbeats.
-        opened_here = _replaced(optuna, "create_study", lambda **kwargs: create_study(**{**kwargs, "storage": storage}))
-        with opened_here if storage else nullcontext(), self._stopping_on_signals():
-            super().hyperparameters_optimization()
-        if self._stopped_trial is not None:
-            assert self._stop_signal is not None
-            name = signal.Signals(self._stop_signal).name
-            print(f"Stopped by {name}: trial {self._stopped_trial} failed and enqueued again", file=sys.stderr)
-            sys.exit(128 + self._stop_signal)
+
+        def create_here(**kwargs: Any) -> optuna.Study:
+            # rl-zoo3 opens its study from the URL; it gets the storage opened here, with heartbeats.
+            studies.append(create_study(**{**kwargs, **({"storage": storage} if storage else {})}))
+            return studies[-1]
+
+        # A trial in a thread of its own (--n-jobs > 1) stops at its next step through this callback.
+        self.specified_callbacks = [*_as_list(self.specified_callbacks), {STOP_CALLBACK: {"stop": self._stop}}]
+        try:
+            with _replaced(optuna, "create_study", create_here), self._stop.handling():
+                super().hyperparameters_optimization()
+        except ValueError:
+            # rl-zoo3's report begins with the study's best trial, which only a completed trial makes.
+            completed = studies and studies[0].get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+            if self._stop.signum is None or completed:
+                raise
+            print(f"{self._stop.summary()}; no trial of the study has completed: no best trial, no report", file=sys.stderr)
+            sys.exit(128 + self._stop.signum)
+        if self._stop.exit_status:
+            print(self._stop.summary(), file=sys.stderr)
+            sys.exit(self._stop.exit_status)
 
     def objective(self, trial: optuna.Trial) -> float:
-        self._n_running += 1
-        try:
-            if self._stop_signal is not None:  # received between two trials
-                raise WorkerStopped(self._stop_signal)
-            return super().objective(trial)
-        except WorkerStopped as stop:
-            self._fail_stopped(trial, stop)
-            raise
-        finally:
-            self._n_running -= 1
+        return self._stop.stoppable(super().objective)(trial)
 
-    def _fail_stopped(self, trial: optuna.Trial, stop: WorkerStopped) -> None:
-        """Enqueue the trial again, as for a dead worker, and say why it fails (Optuna fails it next)."""
-        self._stopped_trial = trial.number
-        if self.storage is None:
-            return  # in memory: nobody would run it again
-        frozen = trial.storage.get_trial(trial._trial_id)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY)(trial.study, frozen)
-        trial.storage.set_trial_system_attr(trial._trial_id, "fail_reason", f"worker stopped by {stop}")
 
-    @contextmanager
-    def _stopping_on_signals(self) -> Iterator[None]:
-        """SIGINT and SIGTERM stop the running trial; between trials, the next one.
-
-        Installed whatever the inherited handlers: a worker started with ``&`` by a script
-        inherits an ignored SIGINT.
-        """
-
-        def stop(signum: int, frame: Any) -> None:
-            first = self._stop_signal is None
-            self._stop_signal = signum
-            # Only once: a second signal must not interrupt the bookkeeping of the first.
-            if first and self._n_running > 0:
-                raise WorkerStopped(signum)
-
-        previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
+def _as_list(callbacks: Any) -> list[Any]:
+    """rl-zoo3's ``callback`` entry (none, one, or a list) as a list."""
+    if callbacks is None:
+        return []
+    return list(callbacks) if isinstance(callbacks, list) else [callbacks]
 
 
 @contextmanager
@@ -349,19 +322,19 @@ def _study_options(argv: list[str]) -> tuple[dict[str, Any], list[str]]:
     parser.add_argument(ENQUEUE_ENTRY, action="store_true")
     parser.add_argument(HEARTBEAT_INTERVAL, type=int, default=DEFAULT_HEARTBEAT_INTERVAL)
     parser.add_argument(GRACE_PERIOD, type=int, default=DEFAULT_GRACE_PERIOD)
+    parser.add_argument(MAX_RETRY, type=int, default=DEFAULT_MAX_RETRY)
     try:
         options, rest = parser.parse_known_args(argv)
     except argparse.ArgumentError as error:
         raise ZooInputError(str(error)) from error
     if not {"-optimize", "--optimize-hyperparameters"} & set(rest):
-        for name in (ENQUEUE_ENTRY, HEARTBEAT_INTERVAL, GRACE_PERIOD):
+        for name in (ENQUEUE_ENTRY, HEARTBEAT_INTERVAL, GRACE_PERIOD, MAX_RETRY):
             if any(arg.split("=")[0] == name for arg in argv):
                 raise ZooInputError(f"{name} is an option of tuning: it needs -optimize")
-    if not 0 < options.heartbeat_interval < options.grace_period:
-        raise ZooInputError(
-            f"{GRACE_PERIOD} ({options.grace_period}) must exceed {HEARTBEAT_INTERVAL} ({options.heartbeat_interval}), "
-            "and both be positive: a trial that records a heartbeat in time must never count as dead"
-        )
+    try:
+        check_fault_options(options.heartbeat_interval, options.grace_period, options.max_retry, as_options=True)
+    except ValueError as error:
+        raise ZooInputError(str(error)) from error
     return vars(options), rest
 
 
@@ -391,7 +364,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"train -optimize also takes {ENQUEUE_ENTRY}: the config entry of --env becomes a trial of the study;\n"
         f"{HEARTBEAT_INTERVAL} SECONDS (default {DEFAULT_HEARTBEAT_INTERVAL}) and {GRACE_PERIOD} SECONDS "
         f"(default {DEFAULT_GRACE_PERIOD}): a trial of an RDB storage without a heartbeat for the grace period "
-        "has lost its worker; it is failed and run again"
+        f"has lost its worker; it is failed and run again, at most {MAX_RETRY} N times (default {DEFAULT_MAX_RETRY}; "
+        "0: never), as is a trial of a worker stopped by SIGINT or SIGTERM"
     )
     if args[:1] in (["-h"], ["--help"]):
         print(usage)

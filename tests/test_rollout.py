@@ -40,6 +40,7 @@ from sb3_trpo.common.rollout import (
     mkl_thread_setter,
     one_thread_gives_the_same_bits,
 )
+from sb3_trpo.hyperparams import SignalStop, SignalStopCallback
 
 SEED = 3
 
@@ -238,6 +239,10 @@ CASES: dict[str, dict] = {
         options=dict(n_steps=128),
         callback=lambda: StopTrainingOnMaxEpisodes(max_episodes=1),
         batched=True,
+    ),
+    # The stop of a tuning trial (sb3_trpo.zoo --n-jobs) never changes the policy either.
+    "signal-stop-callback": dict(
+        env=_pendulum, options=dict(n_steps=64), callback=lambda: SignalStopCallback(SignalStop()), batched=True
     ),
     "user-callback-edits-weights": dict(
         env=_pendulum, options=dict(n_steps=64), callback=lambda: EditWeightsAt(20), batched=False

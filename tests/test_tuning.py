@@ -21,16 +21,25 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from sb3_trpo.hyperparams import config_entry, enqueue_unless_measured, storage_lock
+from sb3_trpo.hyperparams import (
+    SignalStop,
+    WorkerStopped,
+    check_fault_options,
+    config_entry,
+    enqueue_unless_measured,
+    open_storage,
+    storage_lock,
+)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "tune_optuna.py"
 STUDY = "shared"
-TRIALS_PER_WORKER = 3
+TRIALS_PER_WORKER = 2
 
 
 # A worker is the real command line (sb3_trpo.zoo.main, rl-zoo3, Optuna's storage) whose
@@ -95,12 +104,53 @@ def start_worker(
     )
 
 
+@contextmanager
+def reaped(workers: list[subprocess.Popen[str]]) -> Iterator[None]:
+    """Whatever happens in the test, no worker outlives it."""
+    try:
+        yield
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+            worker.communicate(timeout=60)
+
+
+def held_trials(worker: subprocess.Popen[str], hold: Path, count: int = 1, timeout: float = 180) -> list[int]:
+    """The numbers of the ``count`` trials in which ``worker`` waits on ``hold`` (see WORKER)."""
+    deadline = time.monotonic() + timeout
+    while len(markers := list(hold.parent.glob(f"{hold.name}.trial*"))) < count:
+        if worker.poll() is not None:
+            stdout, stderr = worker.communicate()
+            raise AssertionError(f"worker exited with {worker.returncode} before its trial: {stdout[-2000:]}{stderr[-4000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no trial held on {hold} after {timeout} s")
+        time.sleep(0.1)
+    assert len(markers) == count, markers
+    return sorted(int(marker.name.rsplit(".trial", 1)[1]) for marker in markers)
+
+
 def run_two_workers(storage: str, tmp_path: Path) -> list[list[int]]:
-    """Two workers started together on an empty storage; returns the trial numbers each one logged as finished."""
-    workers = [start_worker(storage, seed, tmp_path / f"worker{seed}") for seed in (1, 2)]
+    """
+    Two workers started together on an empty storage; returns the trial numbers each one logged as finished.
+
+    Each waits in its first trial until the other is in one too: however late a loaded
+    machine starts one of them, they run at the same time.
+    """
+    holds = [tmp_path / f"hold{seed}" for seed in (1, 2)]
+    for hold in holds:
+        hold.touch()
+    workers = [
+        start_worker(storage, seed, tmp_path / f"worker{seed}", hold=hold) for seed, hold in zip((1, 2), holds, strict=True)
+    ]
+    with reaped(workers):
+        for worker, hold in zip(workers, holds, strict=True):
+            held_trials(worker, hold)
+        for hold in holds:
+            hold.unlink()
+        outputs = [worker.communicate(timeout=240) for worker in workers]
     finished = []
-    for worker in workers:
-        stdout, stderr = worker.communicate(timeout=240)
+    for worker, (stdout, stderr) in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, stdout[-2000:] + stderr[-4000:]
         finished.append(sorted(int(n) for n in re.findall(r"Trial (\d+) (?:finished|pruned)", stderr)))
     return finished
@@ -233,32 +283,6 @@ GRACE_PERIOD = 4
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-@contextmanager
-def reaped(workers: list[subprocess.Popen[str]]) -> Iterator[None]:
-    """Whatever happens in the test, no worker outlives it."""
-    try:
-        yield
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-            worker.communicate(timeout=60)
-
-
-def held_trial(worker: subprocess.Popen[str], hold: Path, timeout: float = 180) -> int:
-    """The number of the trial in which ``worker`` waits on ``hold`` (see WORKER)."""
-    deadline = time.monotonic() + timeout
-    while not (markers := list(hold.parent.glob(f"{hold.name}.trial*"))):
-        if worker.poll() is not None:
-            stdout, stderr = worker.communicate()
-            raise AssertionError(f"worker exited with {worker.returncode} before its trial: {stdout[-2000:]}{stderr[-4000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no trial held on {hold} after {timeout} s")
-        time.sleep(0.1)
-    (marker,) = markers
-    return int(marker.name.rsplit(".trial", 1)[1])
-
-
 def test_killed_worker_trial_fails_and_is_run_again_by_a_survivor(postgres_url: str, tmp_path: Path) -> None:
     holds = [tmp_path / f"hold{seed}" for seed in range(3)]
     for hold in holds:
@@ -270,9 +294,9 @@ def test_killed_worker_trial_fails_and_is_run_again_by_a_survivor(postgres_url: 
     ]
     victim, survivors = workers[0], workers[1:]
     with reaped(workers):
-        killed_number = held_trial(victim, holds[0])
+        (killed_number,) = held_trials(victim, holds[0])
         for worker, hold in zip(survivors, holds[1:], strict=True):
-            held_trial(worker, hold)
+            held_trials(worker, hold)
         victim.send_signal(signal.SIGKILL)
         victim.wait(timeout=60)
         # A precondition, not a measurement: the victim's last heartbeat is now older than the grace period.
@@ -309,7 +333,7 @@ def test_stopped_workers_fail_their_trial_enqueue_it_again_and_report(postgres_u
             postgres_url, seed, tmp_path / f"worker{seed}", 3, HEARTBEAT, hold, hold_after=1, ignore_sigint=seed == 0
         )
         with reaped([worker]):
-            held_trial(worker, hold)  # its second trial, after a first one finished
+            held_trials(worker, hold)  # its second trial, after a first one finished
             worker.send_signal(stop)
             outputs.append(worker.communicate(timeout=120))
         assert worker.returncode == 128 + stop, outputs[-1][1][-4000:]
@@ -328,6 +352,126 @@ def test_stopped_workers_fail_their_trial_enqueue_it_again_and_report(postgres_u
         # What rl-zoo3 writes at the end of an optimization: the best trial and the report.
         assert "Best trial:" in stdout
         assert len(list((tmp_path / f"worker{seed}" / "trpo").glob("report_CartPole-v1_3-trials-128-random-none_*.csv"))) == 1
+
+
+# ------------------------------------------------------------------ stops and retries, on SQLite
+
+
+def trials_of(storage: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=STUDY, storage=storage).trials
+
+
+def test_worker_stopped_before_any_trial_completed_says_so_and_exits_with_the_signal(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    hold = tmp_path / "hold"
+    hold.touch()
+    # --max-retry 0: the stopped trial is not run again.
+    worker = start_worker(storage, 0, tmp_path / "worker", 2, ["--max-retry", "0"], hold)
+    with reaped([worker]):
+        assert held_trials(worker, hold) == [0]  # the first trial of a fresh study
+        worker.send_signal(signal.SIGTERM)
+        _, stderr = worker.communicate(timeout=120)
+    assert worker.returncode == 128 + signal.SIGTERM, stderr[-4000:]
+    # One line says what happened; no traceback, neither rl-zoo3's (no best trial) nor Optuna's (the failed trial's).
+    assert stderr.splitlines()[-1] == (
+        "Stopped by SIGTERM: trial 0 failed; no trial of the study has completed: no best trial, no report"
+    )
+    assert "Traceback" not in stderr and "Record does not exist" not in stderr
+    (stopped,) = trials_of(storage)
+    assert stopped.state == TrialState.FAIL and stopped.system_attrs["fail_reason"] == "worker stopped by SIGTERM"
+
+
+def test_stop_fails_every_trial_running_in_threads_of_a_worker(tmp_path: Path) -> None:
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    hold = tmp_path / "hold"
+    hold.touch()
+    # Two trials at a time in threads (--n-jobs 2): the first two finish, the next two wait on the hold.
+    worker = start_worker(storage, 0, tmp_path / "worker", 6, ["--n-jobs", "2"], hold, hold_after=2)
+    with reaped([worker]):
+        stopped_numbers = held_trials(worker, hold, count=2)
+        worker.send_signal(signal.SIGINT)
+        # A precondition, not a measurement: the main thread has handled the signal before the trials go on.
+        time.sleep(2)
+        hold.unlink()  # the held trials start training, and stop at their first step
+        stdout, stderr = worker.communicate(timeout=120)
+    assert worker.returncode == 128 + signal.SIGINT, stderr[-4000:]
+    first, second = stopped_numbers
+    assert f"Stopped by SIGINT: trials {first}, {second} failed and enqueued again" in stderr
+    assert "Traceback" not in stderr
+    trials = trials_of(storage)
+    by_state = {state: [trial.number for trial in trials if trial.state == state] for state in TrialState}
+    assert by_state[TrialState.FAIL] == stopped_numbers
+    assert [trials[n].system_attrs["fail_reason"] for n in stopped_numbers] == ["worker stopped by SIGINT"] * 2
+    # Each stopped trial waits to be run again with its parameters; no trial is left RUNNING, none started after the stop.
+    assert (
+        sorted(trial.system_attrs["failed_trial"] for trial in trials if trial.state == TrialState.WAITING) == stopped_numbers
+    )
+    assert all(
+        trial.params == trials[trial.system_attrs["failed_trial"]].params
+        for trial in trials
+        if "failed_trial" in trial.system_attrs
+    )
+    assert by_state[TrialState.RUNNING] == [] and len(trials) == 6
+    assert len(by_state[TrialState.COMPLETE] + by_state[TrialState.PRUNED]) == 2
+    # rl-zoo3 wrote its report: the two finished trials make a best trial.
+    assert "Best trial:" in stdout
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+@pytest.mark.parametrize("max_retry", [0, 2])
+def test_dead_worker_trial_is_run_again_at_most_max_retry_times(max_retry: int, tmp_path: Path) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=1, grace_period=2, max_retry=max_retry)
+    study = optuna.create_study(storage=storage, direction="maximize")
+    assert isinstance(storage, optuna.storages.RDBStorage)
+    stale_trial_callback = storage.get_heartbeat_stale_trial_callback()
+    assert stale_trial_callback is not None
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    # What Optuna does to a trial without a heartbeat for the grace period, for as long as a copy waits.
+    for _ in range(10):
+        stale_trial_callback(study, study.trials[trial.number])
+        study.tell(trial, state=TrialState.FAIL)
+        if not study.get_trials(states=(TrialState.WAITING,)):
+            break
+        trial = study.ask()
+    trials = study.trials
+    assert len(trials) == 1 + max_retry and all(trial.state == TrialState.FAIL for trial in trials)
+    assert all(trial.params == trials[0].params for trial in trials)
+
+
+def test_stopped_trial_is_run_again_at_most_max_retry_times(tmp_path: Path) -> None:
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}", direction="maximize")
+    study.enqueue_trial({"x": 0.5})
+    stop = SignalStop(max_retry=1)
+    stop.signum = signal.SIGTERM  # as the handler records a signal
+    objective = stop.stoppable(lambda trial: trial.suggest_float("x", 0.0, 1.0))
+    for _ in range(2):
+        trial = study.ask()
+        with pytest.raises(WorkerStopped):
+            objective(trial)
+        study.tell(trial, state=TrialState.FAIL)  # what Optuna does with the exception
+    assert [trial.state for trial in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert study.trials[1].system_attrs["failed_trial"] == 0
+    assert stop.stopped_trials == [0, 1] and stop.enqueued_again == [0]
+    assert stop.summary() == "Stopped by SIGTERM: trials 0, 1 failed, trial 0 enqueued again"
+    assert stop.exit_status == 143
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ((1, 1, 3), "grace_period (1) must exceed heartbeat_interval (1), and both be positive"),
+        ((0, 5, 3), "grace_period (5) must exceed heartbeat_interval (0), and both be positive"),
+        ((1, 2, -1), "max_retry must be an integer >= 0 (the times a trial whose worker died or was stopped is run again"),
+        ((1, 2, 1.5), "max_retry must be an integer >= 0"),
+        ((1, 2, True), "max_retry must be an integer >= 0"),
+    ],
+)
+def test_open_storage_refuses_fault_options_out_of_range(options: tuple[int, int, int], expected: str, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        open_storage(url, *options)
+    assert not (tmp_path / "study.db").exists()
+    check_fault_options(1, 2, 0)  # the smallest usable values
 
 
 # ------------------------------------------------------------------ examples/tune_optuna.py
@@ -384,4 +528,71 @@ def test_example_stops_on_bad_input_and_leaves_the_study(
         run_example(monkeypatch, *arguments)
     assert expected in str(stopped.value.code)
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    assert not (tmp_path / "out").exists()
+
+
+# examples/tune_optuna.py as a worker process whose trials, from the HOLD_AFTER-th on, wait
+# while the file HOLD exists (as WORKER's do), so that a signal reaches it inside a trial.
+EXAMPLE_WORKER = """
+import os
+import runpy
+import sys
+import time
+from pathlib import Path
+
+import sb3_trpo.hyperparams
+
+sample_trpo_params = sb3_trpo.hyperparams.sample_trpo_params
+
+
+def held_trials(trial, *args):
+    hyperparams = sample_trpo_params(trial, *args)
+    if trial.number >= int(os.environ["HOLD_AFTER"]):
+        hold = Path(os.environ["HOLD"])
+        hold.with_name(f"{hold.name}.trial{trial.number}").touch()
+        while hold.exists():
+            time.sleep(0.05)
+    return hyperparams
+
+
+sb3_trpo.hyperparams.sample_trpo_params = held_trials  # before the example imports it
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_example_stopped_by_a_signal_fails_its_trial_reports_and_exits_with_the_signal(tmp_path: Path) -> None:
+    storage = str(tmp_path / "study.log")  # an Optuna journal file
+    hold, output = tmp_path / "hold", tmp_path / "results"
+    hold.touch()
+    command = [
+        sys.executable, "-c", EXAMPLE_WORKER, str(EXAMPLE), "--env", "CartPole-v1", "--n-trials", "3",
+        "--n-timesteps", "256", "--n-evaluations", "2", "--n-eval-episodes", "2", "--n-startup-trials", "1",
+        "--seed", "0", "--storage", storage, "--study-name", STUDY, "--output-dir", str(output),
+    ]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "HOLD": str(hold), "HOLD_AFTER": "1"}
+    worker = subprocess.Popen(command, cwd=REPO, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with reaped([worker]):
+        assert held_trials(worker, hold) == [1]  # after trial 0 finished
+        worker.send_signal(signal.SIGTERM)
+        stdout, stderr = worker.communicate(timeout=120)
+    assert worker.returncode == 128 + signal.SIGTERM, stderr[-4000:]
+    assert "Stopped by SIGTERM: trial 1 failed and enqueued again" in stderr and "Traceback" not in stderr
+    journal = optuna.storages.JournalStorage(JournalFileBackend(storage))
+    finished, stopped, retry = optuna.load_study(study_name=STUDY, storage=journal).trials
+    assert finished.state == TrialState.COMPLETE
+    assert stopped.state == TrialState.FAIL and stopped.system_attrs["fail_reason"] == "worker stopped by SIGTERM"
+    assert retry.state == TrialState.WAITING and retry.system_attrs["failed_trial"] == 1 and retry.params == stopped.params
+    # What finished is reported, as at the end of a run.
+    assert f"Best trial 0: mean return {finished.value:.2f}" in stdout
+    assert yaml.safe_load((output / "trpo.yml").read_text())["CartPole-v1"]["n_timesteps"] == 256
+
+
+def test_example_refuses_max_retry_out_of_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        run_example(monkeypatch, "--max-retry", "-1", "--output-dir", str(tmp_path / "out"))
+    assert stopped.value.code == 2  # argparse's usage error
+    assert "error: --max-retry must be an integer >= 0" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

@@ -22,8 +22,8 @@ from rl_zoo3.utils import ALGOS
 
 import sb3_trpo
 from sb3_trpo import NPG, TRPO
-from sb3_trpo.hyperparams import config_entry, sample_npg_params, sample_trpo_params, target_kl_schedule
-from sb3_trpo.zoo import CONFIG_DIR, CheckedExperimentManager, WorkerStopped, main, register
+from sb3_trpo.hyperparams import WorkerStopped, config_entry, sample_npg_params, sample_trpo_params, target_kl_schedule
+from sb3_trpo.zoo import CONFIG_DIR, CheckedExperimentManager, main, register
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -274,7 +274,7 @@ def test_stop_signal_between_trials_fails_the_next_trial_before_it_trains_and_en
     study = optuna.create_study(storage=url, study_name="p", direction="maximize")
     study.enqueue_trial({"target_kl": 0.02})
     manager = CheckedExperimentManager(argparse.Namespace(), "trpo", "CartPole-v1", str(tmp_path), storage=url, study_name="p")
-    manager._stop_signal = signal.SIGTERM  # as the handler records a signal that came while no trial ran
+    manager._stop.signum = signal.SIGTERM  # as the handler records a signal that came while no trial ran
     trial = study.ask()
     with pytest.raises(WorkerStopped):
         manager.objective(trial)  # nothing trained: no environment or model was made
@@ -285,7 +285,9 @@ def test_stop_signal_between_trials_fails_the_next_trial_before_it_trains_and_en
     assert retry.system_attrs["fixed_params"] == {"target_kl": 0.02}
 
 
-@pytest.mark.parametrize("option", [["--enqueue-entry"], ["--heartbeat-interval", "5"], ["--grace-period=20"]])
+@pytest.mark.parametrize(
+    "option", [["--enqueue-entry"], ["--heartbeat-interval", "5"], ["--grace-period=20"], ["--max-retry", "0"]]
+)
 def test_tuning_options_without_optimize_are_refused(option: list[str], tmp_path: Path) -> None:
     message = run_zoo("train", "--algo", "trpo", "--env", "Pendulum-v1", *option, "-f", str(tmp_path))
     assert f"{option[0].split('=')[0]} is an option of tuning: it needs -optimize" in message
@@ -299,9 +301,11 @@ def test_tuning_options_without_optimize_are_refused(option: list[str], tmp_path
         (["--grace-period", "30"], "--grace-period (30) must exceed --heartbeat-interval (60)"),
         (["--heartbeat-interval", "0"], "--grace-period (180) must exceed --heartbeat-interval (0), and both be positive"),
         (["--heartbeat-interval", "1m"], "argument --heartbeat-interval: invalid int value: '1m'"),
+        (["--max-retry", "-1"], "--max-retry must be an integer >= 0 (the times a trial whose worker died or was stopped"),
+        (["--max-retry", "2.5"], "argument --max-retry: invalid int value: '2.5'"),
     ],
 )
-def test_heartbeat_that_would_fail_live_trials_is_refused(
+def test_fault_options_out_of_range_are_refused(
     heartbeat: list[str], expected: str, tmp_path: Path, existing_study: tuple[str, Path]
 ) -> None:
     url, path = existing_study

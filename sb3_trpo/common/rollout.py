@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sb3_trpo.common.validation import check_finite, observation_arrays
+from sb3_trpo.hyperparams import SignalStopCallback
 
 Observations = np.ndarray | dict[str, np.ndarray]
 ActionSampler = Callable[[Observations], np.ndarray]
@@ -102,9 +103,11 @@ KNOWN_MODULES = frozenset(
     }
 )
 # SB3's callbacks that never change the policy (they read the rollout's locals, evaluate with
-# ``predict``, save, log or stop training); any other callback may, and runs with SB3's loop.
+# ``predict``, save, log or stop training), and the package's stop of a tuning trial; any other
+# callback may, and runs with SB3's loop.
 WEIGHT_NEUTRAL_CALLBACKS = frozenset(
     {
+        SignalStopCallback,
         sb3_callbacks.CallbackList,
         sb3_callbacks.EveryNTimesteps,
         sb3_callbacks.EvalCallback,
