@@ -112,6 +112,14 @@ def test_model_trained_on_cuda_loads_on_cpu_with_the_same_actions(tmp_path: Path
     assert all_finite(loaded)
 
 
-def test_background_critic_fit_is_refused_on_cuda() -> None:
-    with pytest.raises(ValueError, match=r"^background_critic_fit must be False unless .* on the CPU"):
+def test_background_critic_fit_is_refused_on_cuda_and_a_model_saved_with_it_loads_there(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^background_critic_fit=True cannot run: it runs on the CPU only"):
         TRPO("MlpPolicy", "Pendulum-v1", device="cuda", background_critic_fit=True)
+    assert not TRPO("MlpPolicy", "Pendulum-v1", device="cuda", **SMALL)._critic_fit.background  # "auto"
+    TRPO("MlpPolicy", "Pendulum-v1", device="cpu", background_critic_fit=True, **SMALL).save(tmp_path / "model")
+    # load() builds the model with device="auto", the GPU here, as rl-zoo3's enjoy does.
+    with pytest.warns(RuntimeWarning, match=r"^background_critic_fit=True cannot run here \(it runs on the CPU only"):
+        loaded = TRPO.load(tmp_path / "model", env=make_vec_env("Pendulum-v1"))
+    assert loaded.device.type == "cuda" and not loaded._critic_fit.background
+    loaded.learn(SMALL["n_steps"])
+    assert all_finite(loaded)

@@ -1,6 +1,6 @@
 """End-to-end throughput of sb3_trpo's TRPO against another implementation, side by side.
 
-``python -m sb3_trpo.benchmark speed [--envs ...] [--steps N] [--repetitions R] [--compare sb3_contrib] [--background-critic]``
+``python -m sb3_trpo.benchmark speed [--envs ...] [--steps N] [--repetitions R] [--compare sb3_contrib] [--background-critic auto|true|false]``
 
 Each measurement trains one implementation in a fresh Python process (so imports,
 caches and allocator state do not leak between them); the implementations alternate,
@@ -13,14 +13,14 @@ Output (stable; one line per measurement, then one summary line per environment)
     summary <env> <impl>=<median steps/s> <compare>=<median steps/s> ratio=<median of per-repetition ratios> \
 peak_rss_mb <impl>=<m> <compare>=<m>
 
-``peak_rss_mb`` is the peak resident memory of the training process; with
-``--background-critic``, plus the memory only the forked critic worker maps at the end of
-training (its private pages, from ``/proc/<pid>/smaps_rollup``; the pages it shares with
+``peak_rss_mb`` is the peak resident memory of the training process; when the critic is
+fitted in the background (``background_critic_fit``, "auto" by default), plus the memory only
+the forked critic worker maps at the end of training (its private pages, from ``/proc/<pid>/smaps_rollup``; the pages it shares with
 the training process are already counted there). ``rollout_s`` is the time in
 ``collect_rollouts`` and ``policy_step_s`` + ``critic_s`` the time in ``train`` (for
 implementations without separate phases the whole ``train`` is reported as
-``policy_step_s`` and ``critic_s`` is ``nan``; with ``--background-critic``, ``critic_s`` is
-the time spent submitting the fit, and waiting for it is part of ``rollout_s``).
+``policy_step_s`` and ``critic_s`` is ``nan``; with the critic fitted in the background,
+``critic_s`` is the time spent submitting the fit, and waiting for it is part of ``rollout_s``).
 """
 
 from __future__ import annotations
@@ -65,7 +65,10 @@ def _timed(obj: Any, name: str, totals: dict[str, float], key: str) -> None:
     setattr(obj, name, wrapper)
 
 
-def measure(impl: str, env_id: str, steps: int, seed: int, background_critic: bool = False) -> dict[str, float]:
+BACKGROUND_SETTINGS: dict[str, bool | str] = {"auto": "auto", "true": True, "false": False}
+
+
+def measure(impl: str, env_id: str, steps: int, seed: int, background_critic: str = "auto") -> dict[str, float]:
     """Train ``impl`` for ``steps`` environment steps in this process and time its phases."""
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import VecNormalize
@@ -78,7 +81,7 @@ def measure(impl: str, env_id: str, steps: int, seed: int, background_critic: bo
     else:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     env = VecNormalize(make_vec_env(env_id, n_envs=N_ENVS, seed=seed))
-    options = {"background_critic_fit": True} if background_critic and impl == "sb3_trpo" else {}
+    options = {"background_critic_fit": BACKGROUND_SETTINGS[background_critic]} if impl == "sb3_trpo" else {}
     model = algorithm("MlpPolicy", env, seed=seed, **SETTINGS, **options)
     totals: dict[str, float] = defaultdict(float)
     _timed(model, "collect_rollouts", totals, "rollout_s")
@@ -93,9 +96,10 @@ def measure(impl: str, env_id: str, steps: int, seed: int, background_critic: bo
     total = time.perf_counter() - start
     env.close()
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if options:
-        peak_kb += _private_kb(model._critic_fit.worker.pid)
-        model._stop_background_critic()
+    worker = getattr(model, "_critic_fit", None) and model._critic_fit.worker
+    if worker is not None:
+        peak_kb += _private_kb(worker.pid)
+        model._critic_fit.close()
     return dict(
         steps_per_s=model.num_timesteps / total,
         peak_rss_mb=peak_kb / 1024,
@@ -111,9 +115,9 @@ def _private_kb(pid: int) -> int:
     return int(fields["Private_Clean:"]) + int(fields["Private_Dirty:"])
 
 
-def _run_worker(impl: str, env_id: str, steps: int, seed: int, background_critic: bool) -> dict[str, float]:
+def _run_worker(impl: str, env_id: str, steps: int, seed: int, background_critic: str) -> dict[str, float]:
     command = [sys.executable, "-m", "sb3_trpo.benchmark.speed", "--worker", impl, env_id, str(steps), str(seed)]
-    command += ["--background-critic"] if background_critic else []
+    command += ["--background-critic", background_critic]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     return json.loads(output.strip().splitlines()[-1])
 
@@ -124,7 +128,7 @@ def run(
     repetitions: int,
     compare: str,
     seed: int,
-    background_critic: bool = False,
+    background_critic: str = "auto",
     emit: Callable[[str], None] = print,
 ) -> dict[str, dict[str, Any]]:
     """Alternate ``sb3_trpo`` and ``compare`` in fresh processes; return per-env summaries."""
@@ -164,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", default="sb3_contrib", choices=[i for i in IMPLEMENTATIONS if i != "sb3_trpo"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--background-critic", action="store_true", help="run sb3_trpo with background_critic_fit=True (same numbers)"
+        "--background-critic",
+        choices=list(BACKGROUND_SETTINGS),
+        default="auto",
+        help="sb3_trpo's background_critic_fit (same numbers; default: auto, the package's default)",
     )
     parser.add_argument("--worker", nargs=4, metavar=("IMPL", "ENV", "STEPS", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -1,22 +1,36 @@
-"""The critic's regression on the returns, in this process or in a background process.
+"""The critic's regression on the returns, in this process or in a background worker process.
 
 TRPO fits its critic after the trust-region step, and the next rollout does not need the
 critic until its end (values are computed in one batched pass after the rollout). So the
-fit can run in a second process, on another core, while the next rollout is collected:
-:class:`BackgroundCriticFit`. Both paths run :func:`fit_critic`, with the same minibatch
-order, so they compute the same numbers.
+fit can run in a second process, on another core, while the next rollout is collected.
+:class:`CriticFit` owns that choice and the worker's whole lifecycle: the algorithm calls
+:meth:`CriticFit.run`, :meth:`CriticFit.wait` and :meth:`CriticFit.close`.
+Both paths run :func:`fit_critic`, with the same minibatch order, so they compute the same
+numbers; a worker that dies, hangs or fails is replaced by the fit in this process, from the
+state the critic had before the lost fit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import faulthandler
 import gc
 import multiprocessing
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import sys
+import threading
 import traceback
+import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch as th
@@ -27,6 +41,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from sb3_trpo.common.validation import NonFiniteError
+
+BackgroundSetting = bool | Literal["auto"]
+BACKGROUND_OPTIMIZERS = (th.optim.Adam, th.optim.AdamW)
 
 
 def index_observations(observations: PyTorchObs, index: th.Tensor | slice) -> PyTorchObs:
@@ -42,7 +59,7 @@ def prefer_fused_adam(optimizer: th.optim.Optimizer) -> None:
     Parameter groups where the user set ``fused`` or ``foreach`` (through
     ``policy_kwargs["optimizer_kwargs"]``) are left as they are.
     """
-    if type(optimizer) not in (th.optim.Adam, th.optim.AdamW):
+    if type(optimizer) not in BACKGROUND_OPTIMIZERS:
         return
     for group in optimizer.param_groups:
         if group.get("fused") is None and not group.get("foreach") and not group.get("differentiable"):
@@ -85,15 +102,55 @@ def _as_tensors(observations: np.ndarray | dict[str, np.ndarray], device: th.dev
     return th.as_tensor(observations, device=device)
 
 
+class CriticSnapshot:
+    """The critic's weights and its optimizer state at one moment, to be put back in place.
+
+    Restoring copies into the existing tensors, so that tensors shared with a worker process
+    stay shared.
+    """
+
+    def __init__(self, optimizer: th.optim.Optimizer, critic_parameters: list[nn.Parameter]):
+        self._optimizer = optimizer
+        self._parameters = critic_parameters
+        self._weights = [param.detach().clone() for param in critic_parameters]
+        self._states = [
+            {
+                key: value.clone() if isinstance(value, th.Tensor) else copy.deepcopy(value)
+                for key, value in optimizer.state[param].items()
+            }
+            if param in optimizer.state
+            else None
+            for param in critic_parameters
+        ]
+
+    def restore(self) -> None:
+        with th.no_grad():
+            for param, weights in zip(self._parameters, self._weights, strict=True):
+                param.copy_(weights)
+        for param, saved in zip(self._parameters, self._states, strict=True):
+            if saved is None:
+                self._optimizer.state.pop(param, None)
+                continue
+            state = self._optimizer.state[param]
+            for key in [key for key in state if key not in saved]:
+                del state[key]
+            for key, value in saved.items():
+                current = state.get(key)
+                if isinstance(current, th.Tensor) and isinstance(value, th.Tensor) and current.shape == value.shape:
+                    current.copy_(value)
+                else:
+                    state[key] = value
+
+
 def regress(
     optimizer: th.optim.Optimizer, critic_parameters: list[nn.Parameter], minibatch_losses: Iterable[Callable[[], th.Tensor]]
 ) -> float | None:
     """One optimizer step per minibatch loss, moving only ``critic_parameters``.
 
     :return: the mean minibatch loss, or None when a weight became non-finite; the critic
-        weights are then put back as they were before the fit
+        weights and their optimizer state are then put back as they were before the fit
     """
-    saved = [param.detach().clone() for param in critic_parameters]
+    before = CriticSnapshot(optimizer, critic_parameters)
     losses = []
     for minibatch_loss in minibatch_losses:
         loss = minibatch_loss()
@@ -105,9 +162,7 @@ def regress(
     for param in critic_parameters:
         param.grad = None
     if critic_parameters and not all(bool(th.isfinite(param).all()) for param in critic_parameters):
-        with th.no_grad():
-            for param, kept in zip(critic_parameters, saved, strict=True):
-                param.copy_(kept)
+        before.restore()
         return None
     return th.stack(losses).mean().item() if losses else float("nan")
 
@@ -138,6 +193,279 @@ def fit_critic(
     return regress(optimizer, critic_parameters, minibatches)
 
 
+# ----------------------------------------------------------------------------- when it can run
+def background_unavailable(device: th.device, optimizer_class: type) -> str | None:
+    """Why the critic cannot be fitted in a background process here, or None when it can."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return "this platform cannot fork a process"
+    if device.type != "cpu":
+        return f"it runs on the CPU only, and the policy is on {device}"
+    if optimizer_class not in BACKGROUND_OPTIMIZERS:
+        return f"it needs Adam or AdamW as the critic's optimizer, not {optimizer_class.__name__}"
+    return None
+
+
+def background_pays() -> bool:
+    """Whether ``"auto"`` fits in the background where it can: on Linux, with a second CPU for the worker."""
+    return sys.platform.startswith("linux") and len(os.sched_getaffinity(0)) >= 2
+
+
+def check_background_setting(setting: Any, device: th.device, optimizer_class: type) -> None:
+    """Refuse a ``background_critic_fit`` that is not True, False or "auto", or True where it cannot run."""
+    if setting not in (True, False, "auto") or not isinstance(setting, bool | str):
+        raise ValueError(f'background_critic_fit must be True, False or "auto", got {setting!r}')
+    reason = background_unavailable(device, optimizer_class) if setting is True else None
+    if reason is not None:
+        raise ValueError(f'background_critic_fit=True cannot run: {reason}; use False or "auto"')
+
+
+# ----------------------------------------------------------------------------- the worker process
+_HEADER = struct.Struct("!Q")
+_POLL_S = 1.0  # how often a waiting process looks at the other one
+_STALL_POLLS = 30  # a worker without CPU time for this many polls is hung
+_STOP_TIMEOUT_S = 5.0
+PR_SET_PDEATHSIG = 1
+
+
+class WorkerLost(Exception):
+    """The background worker died, hung, failed or lost its connection; the fit it had is not done."""
+
+
+def _receive_blocking(connection: socket.socket) -> Any:
+    def read(size: int) -> bytearray:
+        buffer = bytearray(size)
+        view, received = memoryview(buffer), 0
+        while received < size:
+            count = connection.recv_into(view[received:])
+            if count == 0:
+                raise EOFError
+            received += count
+        return buffer
+
+    (size,) = _HEADER.unpack(read(_HEADER.size))
+    return pickle.loads(read(size))
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this process when the training process dies, however it dies."""
+    if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread():
+        # (The kernel's "parent" is the forking thread: only the main thread lives as long as the process.)
+        with contextlib.suppress(OSError, AttributeError):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # it died before prctl
+        os._exit(0)
+
+
+def _close_inherited_descriptors(keep: set[int]) -> None:
+    """Close every file descriptor inherited from the training process that this worker does not use.
+
+    Pipes held here would keep other processes (SubprocVecEnv workers, another model's
+    worker, this worker's own training process end) from seeing the other end close.
+    """
+    if faulthandler.is_enabled():
+        faulthandler.enable(file=sys.__stderr__ if sys.__stderr__ is not None else sys.stderr)
+    for stream in (sys.stdin, sys.stdout, sys.stderr, sys.__stdin__, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(AttributeError, OSError, ValueError):
+            keep.add(stream.fileno())  # type: ignore[union-attr]
+    try:
+        descriptors = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        descriptors = list(range(3, os.sysconf("SC_OPEN_MAX")))
+    for descriptor in descriptors:
+        if descriptor > 2 and descriptor not in keep:
+            with contextlib.suppress(OSError):
+                os.close(descriptor)
+
+
+def _serve(
+    connection: socket.socket,
+    policy: BasePolicy,
+    optimizer: th.optim.Optimizer,
+    critic_parameters: list[nn.Parameter],
+    parent_pid: int,
+) -> None:
+    # Ctrl-C goes to the whole process group; the training process decides what it means.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _exit_with_parent(parent_pid)
+    _close_inherited_descriptors({connection.fileno()})
+    # This process is the worker's own: one thread leaves the other core to the rollout.
+    th.set_num_threads(1)
+    while True:
+        readable, _, _ = select.select([connection], [], [], _POLL_S)
+        if not readable:
+            if os.getppid() != parent_pid:
+                return
+            continue
+        try:
+            job = _receive_blocking(connection)
+        except (EOFError, OSError):
+            return
+        reply: tuple[str, Any]
+        try:
+            reply = ("done", fit_critic(policy, optimizer, critic_parameters, job))
+        except Exception:  # reported to the training process, which fits in its own process instead
+            reply = ("error", traceback.format_exc())
+        payload = pickle.dumps(reply)
+        try:
+            connection.sendall(_HEADER.pack(len(payload)) + payload)
+        except OSError:
+            return
+
+
+def _cpu_ticks(pid: int) -> int | None:
+    """User plus system CPU time of process ``pid`` in clock ticks, None where /proc cannot tell."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _stop(process: multiprocessing.process.BaseProcess, connection: socket.socket) -> None:
+    """Close the worker's connection (it exits at end of file) and reap it, killing it if it does not exit."""
+    connection.close()
+    if process.pid is None:
+        return
+    process.join(_STOP_TIMEOUT_S)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+
+
+class BackgroundCriticFit:
+    """A forked worker process that fits the critic on weights and Adam state shared with this process.
+
+    The policy's parameters and the critic's Adam state move to shared memory, so the
+    worker's updates are the training process's weights and optimizer state. The worker
+    ignores Ctrl-C, exits when the training process dies (even by SIGKILL), and keeps no
+    file descriptor but its connection. Every wait on it here ends: :class:`WorkerLost` is
+    raised when the worker exits, fails, or gets no CPU time for ``_STALL_POLLS`` polls.
+    """
+
+    def __init__(self, policy: BasePolicy, optimizer: th.optim.Optimizer, critic_parameters: list[nn.Parameter]):
+        reason = background_unavailable(policy.device, type(optimizer))
+        if reason is not None:
+            raise ValueError(f"the critic cannot be fitted in a background process: {reason}")
+        _initialize_adam_state(optimizer, critic_parameters)
+        policy.share_memory()
+        for param in critic_parameters:
+            for value in optimizer.state[param].values():
+                value.share_memory_()
+        self._connection, child = socket.socketpair()
+        self._process = multiprocessing.get_context("fork").Process(
+            target=_serve, args=(child, policy, optimizer, critic_parameters, os.getpid()), daemon=True
+        )
+        # Frozen objects are never visited by the worker's garbage collector, so their pages
+        # stay shared instead of being copied one by one (a user's own freeze is left alone).
+        freeze = gc.get_freeze_count() == 0
+        if freeze:
+            gc.freeze()
+        try:
+            self._process.start()
+        finally:
+            if freeze:
+                gc.unfreeze()
+            child.close()
+        self._connection.setblocking(False)
+        # Not __del__: at exit, or in a reference cycle, the connection may be finalized first.
+        self._finalizer = weakref.finalize(self, _stop, self._process, self._connection)
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's process id."""
+        return self._process.pid
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker has not been stopped (it may still have died on its own)."""
+        return self._finalizer.alive
+
+    def submit(self, job: CriticFitJob) -> None:
+        """Send a fit to the worker."""
+        payload = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
+        data = memoryview(_HEADER.pack(len(payload)) + payload)
+        try:
+            while data:
+                self._wait(write=True)
+                try:
+                    data = data[self._connection.send(data) :]
+                except BlockingIOError:
+                    continue
+                except OSError as error:
+                    raise self._lost(f"its connection broke ({error})") from error
+        except BaseException:
+            # A message cut in the middle (by a Ctrl-C as well) leaves the connection unusable.
+            self.close()
+            raise
+
+    def result(self) -> float | None:
+        """Wait for the fit; its mean loss, or None when the weights became non-finite (and were restored).
+
+        Interrupting the wait (Ctrl-C) leaves the fit running and the worker usable.
+        """
+        received = False
+        try:
+            header = self._read(_HEADER.size)
+            received = True
+            status, value = pickle.loads(self._read(_HEADER.unpack(header)[0]))
+        except BaseException:
+            if received:
+                self.close()
+            raise
+        if status == "error":
+            raise WorkerLost(f"the fit raised {value.strip().splitlines()[-1]}")
+        return value
+
+    def close(self) -> None:
+        """Stop the worker process (idempotent)."""
+        self._finalizer()
+
+    def _read(self, size: int) -> bytes:
+        buffer = bytearray(size)
+        view, received = memoryview(buffer), 0
+        while received < size:
+            self._wait(write=False)
+            try:
+                count = self._connection.recv_into(view[received:])
+            except BlockingIOError:
+                continue
+            except OSError as error:
+                raise self._lost(f"its connection broke ({error})") from error
+            if count == 0:
+                raise self._lost("it exited")
+            received += count
+        return bytes(buffer)
+
+    def _wait(self, write: bool) -> None:
+        """Return once the connection is ready; raise :class:`WorkerLost` if the worker died or hangs."""
+        ticks, stalled = _cpu_ticks(self._process.pid), 0  # type: ignore[arg-type]
+        connection = [self._connection]
+        while not any(select.select([] if write else connection, connection if write else [], [], _POLL_S)[:2]):
+            if self._process.exitcode is not None:
+                raise self._lost("it exited")
+            now = _cpu_ticks(self._process.pid)  # type: ignore[arg-type]
+            stalled = stalled + 1 if now is not None and now == ticks else 0
+            ticks = now
+            if stalled >= _STALL_POLLS:
+                self._process.kill()
+                raise self._lost(f"it got no CPU time for {stalled * _POLL_S:.0f} s and was killed")
+
+    def _lost(self, what: str) -> WorkerLost:
+        self._process.join(_POLL_S)
+        code = self._process.exitcode
+        if code is not None and code < 0:
+            what += f" (killed by {signal.Signals(-code).name})"
+        elif code:
+            what += f" (exit code {code})"
+        return WorkerLost(what)
+
+    def __getstate__(self) -> dict[str, Any]:
+        raise TypeError("a background critic worker cannot be pickled")
+
+
 def _initialize_adam_state(optimizer: th.optim.Optimizer, params: list[nn.Parameter]) -> None:
     """Create Adam's state for ``params`` as its first step would, so that it can be shared before that step."""
     for group in optimizer.param_groups:
@@ -152,91 +480,7 @@ def _initialize_adam_state(optimizer: th.optim.Optimizer, params: list[nn.Parame
                 state["max_exp_avg_sq"] = th.zeros_like(param, memory_format=th.preserve_format)
 
 
-def _serve(
-    connection: Connection, policy: BasePolicy, optimizer: th.optim.Optimizer, critic_parameters: list[nn.Parameter]
-) -> None:
-    # This process is the worker's own: one thread leaves the other core to the rollout.
-    th.set_num_threads(1)
-    while True:
-        job = connection.recv()
-        if job is None:
-            return
-        try:
-            connection.send(("done", fit_critic(policy, optimizer, critic_parameters, job)))
-        except Exception:  # reported to the training process, which raises it
-            connection.send(("error", traceback.format_exc()))
-
-
-class BackgroundCriticFit:
-    """Fits the critic in a forked process whose weights and Adam state are shared with this one.
-
-    The policy's parameters and the critic's Adam state move to shared memory, so the
-    worker's updates are the training process's weights and optimizer state: saving,
-    loading and evaluating see them as usual once :meth:`result` has returned.
-    Only Adam and AdamW on the CPU are supported.
-    """
-
-    def __init__(self, policy: BasePolicy, optimizer: th.optim.Optimizer, critic_parameters: list[nn.Parameter]):
-        if type(optimizer) not in (th.optim.Adam, th.optim.AdamW):
-            raise ValueError(f"background_critic_fit needs Adam or AdamW, got {type(optimizer).__name__}")
-        if policy.device.type != "cpu":
-            raise ValueError(f"background_critic_fit runs on the CPU only, the policy is on {policy.device}")
-        _initialize_adam_state(optimizer, critic_parameters)
-        policy.share_memory()
-        for param in critic_parameters:
-            for value in optimizer.state[param].values():
-                value.share_memory_()
-        self._connection, child = multiprocessing.get_context("fork").Pipe()
-        self._process = multiprocessing.get_context("fork").Process(
-            target=_serve, args=(child, policy, optimizer, critic_parameters), daemon=True
-        )
-        # Frozen objects are never visited by the worker's garbage collector, so their pages
-        # stay shared instead of being copied one by one (a user's own freeze is left alone).
-        freeze = gc.get_freeze_count() == 0
-        if freeze:
-            gc.freeze()
-        try:
-            self._process.start()
-        finally:
-            if freeze:
-                gc.unfreeze()
-        child.close()
-        self.pending = False
-
-    @property
-    def pid(self) -> int | None:
-        """The worker's process id."""
-        return self._process.pid
-
-    def submit(self, job: CriticFitJob) -> None:
-        """Start fitting; the caller must call :meth:`result` before using the critic."""
-        assert not self.pending, "the previous critic fit was not collected"
-        self._connection.send(job)
-        self.pending = True
-
-    def result(self) -> float | None:
-        """Wait for the fit; its mean loss, or None when the weights became non-finite (and were restored)."""
-        assert self.pending, "no critic fit was submitted"
-        status, value = self._connection.recv()
-        self.pending = False
-        if status == "error":
-            raise RuntimeError(f"the background critic fit failed:\n{value}")
-        return value
-
-    def close(self) -> None:
-        """Stop the worker process."""
-        if self._process.is_alive():
-            with contextlib.suppress(BrokenPipeError, OSError):
-                self._connection.send(None)
-            self._process.join(timeout=5)
-            if self._process.is_alive():
-                self._process.kill()
-        self._connection.close()
-
-    def __getstate__(self) -> dict[str, Any]:
-        raise TypeError("a background critic fit cannot be pickled")
-
-
+# ----------------------------------------------------------------------------- the owner
 def checked_critic_loss(loss: float | None, update: int) -> float:
     """The loss of a critic fit; :class:`NonFiniteError` when the fit made a weight non-finite (see :func:`regress`)."""
     if loss is None:
@@ -244,12 +488,23 @@ def checked_critic_loss(loss: float | None, update: int) -> float:
     return loss
 
 
+@dataclass
+class _RunningFit:
+    job: CriticFitJob
+    update: int
+    before: CriticSnapshot
+
+
 class CriticFit:
     """The critic fit of every update, in this process or in a background worker: the worker's one owner.
 
     A background fit runs while the next rollout is collected; its loss (or its error) is
     collected by :meth:`wait`, which the algorithm calls before anything reads the critic:
-    the end of the rollout, saving, loading, the end of ``learn``.
+    the end of the rollout, saving, loading, the end of ``learn``. A worker that is lost
+    (killed, crashed, hung, or its connection cut by a Ctrl-C) is replaced by the same fit
+    in this process, from the critic's state before the lost fit, with a warning; the
+    following fits run in this process. Pickling and copying wait for a running fit and
+    leave the worker out (a copy starts its own).
 
     :param policy: the policy whose critic is fitted (with its optimizer)
     :param critic_parameters: the parameters the fit moves
@@ -261,32 +516,76 @@ class CriticFit:
         self.critic_parameters = critic_parameters
         self.background = background
         self._worker: BackgroundCriticFit | None = None
-        self._pending_update = 0
+        self._running: _RunningFit | None = None
+        self._finished: tuple[int, float | None] | None = None
 
     @property
     def worker(self) -> BackgroundCriticFit | None:
-        """The background worker, once started."""
+        """The background worker, once started (None again once it is stopped or lost)."""
         return self._worker
 
     def run(self, job: CriticFitJob, update: int) -> float | None:
-        """Fit the critic on ``job``; the mean loss, or None when the fit runs in the background."""
-        optimizer = self.policy.optimizer
+        """Fit the critic of ``update`` on ``job``; the mean loss, or None when the fit runs in the background."""
+        self._collect()
         if not self.background:
-            return checked_critic_loss(fit_critic(self.policy, optimizer, self.critic_parameters, job), update)
-        if self._worker is None:
-            self._worker = BackgroundCriticFit(self.policy, optimizer, self.critic_parameters)
-        self._worker.submit(job)
-        self._pending_update = update
+            return checked_critic_loss(self._fit_here(job), update)
+        self._running = _RunningFit(job, update, CriticSnapshot(self.policy.optimizer, self.critic_parameters))
+        try:
+            if self._worker is None:
+                self._worker = BackgroundCriticFit(self.policy, self.policy.optimizer, self.critic_parameters)
+            self._worker.submit(job)
+        except WorkerLost as error:
+            return checked_critic_loss(self._fit_after_loss(error), update)
         return None
 
     def wait(self) -> float | None:
-        """Wait for a fit running in the background; its mean loss, or None when none is running."""
-        if self._worker is None or not self._worker.pending:
-            return None
-        return checked_critic_loss(self._worker.result(), self._pending_update)
+        """Wait for a fit running in the background; its mean loss, or None when none ran since the last wait.
+
+        Interrupting the wait (Ctrl-C) leaves the fit running: the next wait collects it.
+        """
+        self._collect()
+        finished, self._finished = self._finished, None
+        return None if finished is None else checked_critic_loss(finished[1], finished[0])
 
     def close(self) -> None:
-        """Stop the worker (a running fit is abandoned: call :meth:`wait` first to keep it); the next fit starts a new one."""
+        """Wait for a running fit (its loss is kept for :meth:`wait`) and stop the worker; the next fit starts a new one."""
+        self._collect()
         if self._worker is not None:
             self._worker.close()
             self._worker = None
+
+    def _collect(self) -> None:
+        if self._running is None:
+            return
+        update = self._running.update
+        try:
+            if self._worker is None or not self._worker.alive:
+                raise WorkerLost("its connection was cut in the middle of a message")
+            loss = self._worker.result()
+            self._running = None
+        except WorkerLost as error:
+            loss = self._fit_after_loss(error)
+        self._finished = (update, loss)
+
+    def _fit_here(self, job: CriticFitJob) -> float | None:
+        return fit_critic(self.policy, self.policy.optimizer, self.critic_parameters, job)
+
+    def _fit_after_loss(self, error: WorkerLost) -> float | None:
+        assert self._running is not None
+        running, self._running = self._running, None
+        warnings.warn(
+            f"the background critic fit of update {running.update} was lost: {error}. The critic was fitted in the "
+            "training process instead, from the same state (same result), and will be from now on.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+        self.background = False
+        running.before.restore()
+        return self._fit_here(running.job)
+
+    def __getstate__(self) -> dict[str, Any]:
+        self._collect()
+        return {**self.__dict__, "_worker": None}

@@ -9,6 +9,7 @@ sequences with a validity mask) that the methods here apply.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
@@ -26,7 +27,15 @@ from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
-from sb3_trpo.common.critic import CriticFit, CriticFitJob, index_observations
+from sb3_trpo.common.critic import (
+    BackgroundSetting,
+    CriticFit,
+    CriticFitJob,
+    background_pays,
+    background_unavailable,
+    check_background_setting,
+    index_observations,
+)
 from sb3_trpo.common.distributions import distribution_fisher_vector_product, kl_terms
 from sb3_trpo.common.policies import split_actor_critic
 from sb3_trpo.common.rollout import actions_for_log_prob, collect_rollout
@@ -181,10 +190,14 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         without a closed form) or ``"double_backprop"`` (Hessian-vector product of the mean
         KL, as sb3-contrib does). Both give the same product.
     :param cg_residual_tol: conjugate gradient stops once the squared residual norm is below this
-    :param background_critic_fit: fit the critic in a second process, on another core, while the
-        next rollout is collected (CPU only, Adam/AdamW). The numbers are those of the
-        sequential fit; the value loss of an update is logged with the next one. It forks a
-        process and moves the policy's weights to shared memory.
+    :param background_critic_fit: fit the critic in a forked worker process, on another core,
+        while the next rollout is collected; the numbers are those of the fit in the training
+        process, and the value loss of an update is logged with the next one. ``"auto"`` (the
+        default) does so where it can run and pays: Linux, CPU, Adam/AdamW, at least two CPUs
+        in the process's affinity. ``True`` forces it (a ``ValueError`` where it cannot run;
+        a model loaded where it cannot run fits in the training process, with a warning),
+        ``False`` never. The worker moves the policy's weights and the critic's Adam state to
+        shared memory and costs about 25 MB of private memory.
     :param _init_setup_model: Whether or not to build the network at the creation of the instance
     """
 
@@ -231,7 +244,7 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         device: th.device | str = "auto",
         fisher_vector_product: str = "analytic",
         cg_residual_tol: float = 1e-10,
-        background_critic_fit: bool = False,
+        background_critic_fit: BackgroundSetting = "auto",
         _init_setup_model: bool = True,
     ):
         check_hyperparameters(
@@ -294,6 +307,7 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         self.n_critic_updates = n_critic_updates
         self.sub_sampling_factor = sub_sampling_factor
         self.fisher_vector_product = fisher_vector_product
+        check_background_setting(background_critic_fit, self.device, self.policy_kwargs.get("optimizer_class", th.optim.Adam))
         self.background_critic_fit = background_critic_fit
         self.actor_parameters: list[nn.Parameter] = []
         self.critic_parameters: list[nn.Parameter] = []
@@ -303,7 +317,7 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
             self._setup_model()
 
     def _check_variant_options(
-        self, use_sde: bool, rollout_buffer_class: type[RolloutBuffer] | None, background_critic_fit: bool
+        self, use_sde: bool, rollout_buffer_class: type[RolloutBuffer] | None, background_critic_fit: BackgroundSetting
     ) -> None:
         if use_sde and spaces.Box not in self.supported_action_spaces:
             check_hyperparameter("use_sde", use_sde, False, "False (gSDE needs continuous actions)")
@@ -315,7 +329,7 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
                 issubclass(rollout_buffer_class, required),
                 f"a subclass of {' or '.join(cls.__name__ for cls in required)}",
             )
-        if background_critic_fit and self.background_critic_fit_refused is not None:
+        if background_critic_fit is True and self.background_critic_fit_refused is not None:
             refused = f"False for {type(self).__name__}: {self.background_critic_fit_refused}"
             check_hyperparameter("background_critic_fit", True, False, refused)
 
@@ -346,15 +360,23 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
             **self.rollout_buffer_kwargs,
         )
         self.actor_parameters, self.critic_parameters = self._split_actor_critic()
-        if self.background_critic_fit:
-            optimizer = type(self.policy.optimizer)
-            check_hyperparameter(
-                "background_critic_fit",
-                True,
-                optimizer in (th.optim.Adam, th.optim.AdamW) and self.device.type == "cpu",
-                f"False unless the critic's optimizer is Adam or AdamW on the CPU (got {optimizer.__name__} on {self.device})",
+        self._critic_fit = CriticFit(self.policy, self.critic_parameters, background=self._fits_critic_in_background())
+
+    def _fits_critic_in_background(self) -> bool:
+        """What ``background_critic_fit`` means here: "auto" where it can run and pays, True where it can run."""
+        if self.background_critic_fit is False or self.background_critic_fit_refused is not None:
+            return False
+        reason = background_unavailable(self.device, type(self.policy.optimizer))
+        if reason is None:
+            return self.background_critic_fit is True or background_pays()
+        if self.background_critic_fit is True:
+            # A model saved with True, loaded where it cannot run (load builds it with device="auto").
+            warnings.warn(
+                f"background_critic_fit=True cannot run here ({reason}); the critic is fitted in the training process",
+                RuntimeWarning,
+                stacklevel=3,
             )
-        self._critic_fit = CriticFit(self.policy, self.critic_parameters, background=self.background_critic_fit)
+        return False
 
     def _rollout_buffer_arguments(self) -> dict[str, Any]:
         """Arguments the rollout buffer class needs beyond SB3's (none for SB3's buffers)."""
@@ -535,11 +557,6 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         if loss is not None:
             self.logger.record("train/value_loss", loss)
 
-    def _stop_background_critic(self) -> None:
-        if self._critic_fit is not None:
-            self._finish_critic_fit()
-            self._critic_fit.close()
-
     def _excluded_save_params(self) -> list[str]:
         # The parameter lists are derived from the policy, saved in policy.pth, and rebuilt by _setup_model on load.
         return [*super()._excluded_save_params(), "_critic_fit", "actor_parameters", "critic_parameters"]
@@ -550,13 +567,10 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
 
     def set_parameters(self, *args: Any, **kwargs: Any) -> None:
         # Loading replaces the optimizer state that a background worker shares.
-        self._stop_background_critic()
+        if self._critic_fit is not None:
+            self._finish_critic_fit()
+            self._critic_fit.close()
         super().set_parameters(*args, **kwargs)
-
-    def __del__(self) -> None:
-        critic_fit = getattr(self, "_critic_fit", None)
-        if critic_fit is not None:
-            critic_fit.close()
 
     # ------------------------------------------------------------------ logging
     def _log_update(self, stats: PolicyStepStats, value_loss: float | None) -> None:

@@ -67,10 +67,14 @@ class NPG(TrustRegionAlgorithm):
         without a closed form) or ``"double_backprop"`` (Hessian-vector product of the mean
         KL, as sb3-contrib does). Both give the same product.
     :param cg_residual_tol: conjugate gradient stops once the squared residual norm is below this
-    :param background_critic_fit: fit the critic in a second process, on another core, while the
-        next rollout is collected (CPU only, Adam/AdamW). The numbers are those of the
-        sequential fit; the value loss of an update is logged with the next one. It forks a
-        process and moves the policy's weights to shared memory.
+    :param background_critic_fit: fit the critic in a forked worker process, on another core,
+        while the next rollout is collected; the numbers are those of the fit in the training
+        process, and the value loss of an update is logged with the next one. ``"auto"`` (the
+        default) does so where it can run and pays: Linux, CPU, Adam/AdamW, at least two CPUs
+        in the process's affinity. ``True`` forces it (a ``ValueError`` where it cannot run;
+        a model loaded where it cannot run fits in the training process, with a warning),
+        ``False`` never. The worker moves the policy's weights and the critic's Adam state to
+        shared memory and costs about 25 MB of private memory.
     :param _init_setup_model: Whether or not to build the network at the creation of the instance
     """
 

@@ -9,6 +9,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
+from sb3_trpo.common.critic import BackgroundSetting
 from sb3_trpo.common.trust_region import LineSearchResult, backtracking_line_search
 from sb3_trpo.common.trust_region_algorithm import Restore, StepEvaluation
 from sb3_trpo.common.validation import check_hyperparameters
@@ -68,10 +69,14 @@ class TRPO(NPG):
         without a closed form) or ``"double_backprop"`` (Hessian-vector product of the mean
         KL, as sb3-contrib does). Both give the same product.
     :param cg_residual_tol: conjugate gradient stops once the squared residual norm is below this
-    :param background_critic_fit: fit the critic in a second process, on another core, while the
-        next rollout is collected (CPU only, Adam/AdamW). The numbers are those of the
-        sequential fit; the value loss of an update is logged with the next one. It forks a
-        process and moves the policy's weights to shared memory.
+    :param background_critic_fit: fit the critic in a forked worker process, on another core,
+        while the next rollout is collected; the numbers are those of the fit in the training
+        process, and the value loss of an update is logged with the next one. ``"auto"`` (the
+        default) does so where it can run and pays: Linux, CPU, Adam/AdamW, at least two CPUs
+        in the process's affinity. ``True`` forces it (a ``ValueError`` where it cannot run;
+        a model loaded where it cannot run fits in the training process, with a warning),
+        ``False`` never. The worker moves the policy's weights and the critic's Adam state to
+        shared memory and costs about 25 MB of private memory.
     :param _init_setup_model: Whether or not to build the network at the creation of the instance
     """
 
@@ -104,7 +109,7 @@ class TRPO(NPG):
         device: th.device | str = "auto",
         fisher_vector_product: str = "analytic",
         cg_residual_tol: float = 1e-10,
-        background_critic_fit: bool = False,
+        background_critic_fit: BackgroundSetting = "auto",
         _init_setup_model: bool = True,
     ):
         check_hyperparameters(

@@ -94,7 +94,8 @@ class MaskableTRPO(TRPO):
         without a closed form) or ``"double_backprop"`` (Hessian-vector product of the mean
         KL, as sb3-contrib does). Both give the same product.
     :param cg_residual_tol: conjugate gradient stops once the squared residual norm is below this
-    :param background_critic_fit: must be False: rollouts are collected with ``MaskablePPO``'s loop, which
+    :param background_critic_fit: ``"auto"`` or False (both fit the critic in the training process); True
+        is refused: rollouts are collected with ``MaskablePPO``'s loop, which
         evaluates the critic at every step, so the critic fit cannot overlap the rollout
     :param _init_setup_model: Whether or not to build the network at the creation of the instance
     """

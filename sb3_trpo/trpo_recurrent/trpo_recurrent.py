@@ -25,7 +25,7 @@ from stable_baselines3.common.type_aliases import GymEnv, PyTorchObs, Schedule
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
-from sb3_trpo.common.critic import checked_critic_loss, regress
+from sb3_trpo.common.critic import BackgroundSetting, checked_critic_loss, regress
 from sb3_trpo.common.policies import split_actor_critic
 from sb3_trpo.common.trust_region_algorithm import PolicyBatch
 from sb3_trpo.trpo.trpo import TRPO
@@ -142,7 +142,8 @@ class RecurrentTRPO(TRPO):
     :param fisher_vector_product: ``"analytic"`` or ``"double_backprop"``, as for :class:`sb3_trpo.TRPO`;
         both leave out the padding of sequences
     :param cg_residual_tol: conjugate gradient stops once the squared residual norm is below this
-    :param background_critic_fit: must be False: rollouts are collected with ``RecurrentPPO``'s loop,
+    :param background_critic_fit: ``"auto"`` or False (both fit the critic in the training process); True
+        is refused: rollouts are collected with ``RecurrentPPO``'s loop,
         which evaluates the critic at every step, so the critic fit cannot overlap the rollout
     :param _init_setup_model: Whether or not to build the network at the creation of the instance
     """
@@ -187,7 +188,7 @@ class RecurrentTRPO(TRPO):
         device: th.device | str = "auto",
         fisher_vector_product: str = "analytic",
         cg_residual_tol: float = 1e-10,
-        background_critic_fit: bool = False,
+        background_critic_fit: BackgroundSetting = "auto",
         _init_setup_model: bool = True,
     ):
         self._last_lstm_states: RNNStates | None = None
