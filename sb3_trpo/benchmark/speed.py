@@ -1,6 +1,7 @@
 """End-to-end throughput of sb3_trpo's TRPO against another implementation, side by side.
 
-``python -m sb3_trpo.benchmark speed [--envs ...] [--steps N] [--repetitions R] [--compare sb3_contrib] [--background-critic auto|true|false]``
+``python -m sb3_trpo.benchmark speed [--envs ...] [--steps N] [--repetitions R] [--compare sb3_contrib]
+[--background-critic auto|true|false]``
 
 Each measurement trains one implementation in a fresh Python process (so imports,
 caches and allocator state do not leak between them); the implementations alternate,
@@ -15,8 +16,9 @@ peak_rss_mb <impl>=<m> <compare>=<m>
 
 ``peak_rss_mb`` is the peak resident memory of the training process; when the critic is
 fitted in the background (``background_critic_fit``, "auto" by default), plus the memory only
-the forked critic worker maps at the end of training (its private pages, from ``/proc/<pid>/smaps_rollup``; the pages it shares with
-the training process are already counted there). ``rollout_s`` is the time in
+the forked critic worker maps at the end of training (its private pages, from
+``/proc/<pid>/smaps_rollup``; the pages it shares with the training process are already
+counted there). ``rollout_s`` is the time in
 ``collect_rollouts`` and ``policy_step_s`` + ``critic_s`` the time in ``train`` (for
 implementations without separate phases the whole ``train`` is reported as
 ``policy_step_s`` and ``critic_s`` is ``nan``; with the critic fitted in the background,

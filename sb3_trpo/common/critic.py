@@ -202,6 +202,8 @@ def background_unavailable(device: th.device, optimizer_class: type) -> str | No
         return f"it runs on the CPU only, and the policy is on {device}"
     if optimizer_class not in BACKGROUND_OPTIMIZERS:
         return f"it needs Adam or AdamW as the critic's optimizer, not {optimizer_class.__name__}"
+    if multiprocessing.current_process().daemon:
+        return "this is a daemonic process (a multiprocessing pool's worker), which cannot start one"
     return None
 
 
@@ -246,10 +248,11 @@ def _receive_blocking(connection: socket.socket) -> Any:
     return pickle.loads(read(size))
 
 
-def _exit_with_parent(parent_pid: int) -> None:
+def _exit_with_parent(parent_pid: int, forked_by_main_thread: bool) -> None:
     """Have the kernel kill this process when the training process dies, however it dies."""
-    if sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread():
-        # (The kernel's "parent" is the forking thread: only the main thread lives as long as the process.)
+    # The kernel's "parent" is the forking thread: only the main thread lives as long as the
+    # process. (Otherwise the worker's own polling notices the parent's death.)
+    if sys.platform.startswith("linux") and forked_by_main_thread:
         with contextlib.suppress(OSError, AttributeError):
             import ctypes
 
@@ -285,10 +288,11 @@ def _serve(
     optimizer: th.optim.Optimizer,
     critic_parameters: list[nn.Parameter],
     parent_pid: int,
+    forked_by_main_thread: bool,
 ) -> None:
     # Ctrl-C goes to the whole process group; the training process decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _exit_with_parent(parent_pid)
+    _exit_with_parent(parent_pid, forked_by_main_thread)
     _close_inherited_descriptors({connection.fileno()})
     # This process is the worker's own: one thread leaves the other core to the rollout.
     th.set_num_threads(1)
@@ -356,7 +360,16 @@ class BackgroundCriticFit:
                 value.share_memory_()
         self._connection, child = socket.socketpair()
         self._process = multiprocessing.get_context("fork").Process(
-            target=_serve, args=(child, policy, optimizer, critic_parameters, os.getpid()), daemon=True
+            target=_serve,
+            args=(
+                child,
+                policy,
+                optimizer,
+                critic_parameters,
+                os.getpid(),
+                threading.current_thread() is threading.main_thread(),
+            ),
+            daemon=True,
         )
         # Frozen objects are never visited by the worker's garbage collector, so their pages
         # stay shared instead of being copied one by one (a user's own freeze is left alone).
@@ -365,6 +378,9 @@ class BackgroundCriticFit:
             gc.freeze()
         try:
             self._process.start()
+        except OSError as error:  # fork refused (memory, process limit)
+            self._connection.close()
+            raise WorkerLost(f"it could not start ({error})") from error
         finally:
             if freeze:
                 gc.unfreeze()
