@@ -366,3 +366,41 @@ def test_variants_whose_rollout_reads_the_critic_refuse_true_and_fit_here_on_aut
         algorithm(policy, env, background_critic_fit=True, n_steps=64)
     model = algorithm(policy, env, n_steps=64, batch_size=32, seed=0)
     assert model.background_critic_fit == "auto" and not model._critic_fit.background
+
+
+def test_auto_fits_here_for_a_while_once_the_rollout_keeps_waiting_longer_than_the_worker_computes() -> None:
+    fit = TRPO("MlpPolicy", "Pendulum-v1", **SMALL)._critic_fit
+    assert fit.adaptive and not TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=True, **SMALL)._critic_fit.adaptive
+    for update in range(1, critic.AUTO_PATIENCE):
+        fit._judge(waited_s=0.5, worker_cpu_s=0.1, update=update)
+    fit._judge(waited_s=0.05, worker_cpu_s=0.1, update=critic.AUTO_PATIENCE)  # a fit that paid: counting starts again
+    assert fit._here_until == 0
+    for update in range(critic.AUTO_PATIENCE + 1, 2 * critic.AUTO_PATIENCE + 1):
+        fit._judge(waited_s=0.5, worker_cpu_s=0.1, update=update)
+    assert fit._here_until == 2 * critic.AUTO_PATIENCE + 1 + critic.AUTO_PAUSE
+
+
+def test_auto_moves_the_fits_here_when_the_worker_gets_no_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    if not critic.background_pays():
+        pytest.skip("auto fits in the background only with two CPUs")
+    monkeypatch.setattr(critic, "AUTO_PATIENCE", 1)
+    monkeypatch.setattr(critic, "AUTO_PAUSE", 2)
+    training_process, fit_critic = os.getpid(), critic.fit_critic
+
+    def waiting_in_the_worker(*args, **kwargs):
+        if os.getpid() != training_process:
+            time.sleep(1.0)  # the worker waits instead of computing, as without a free core
+        return fit_critic(*args, **kwargs)
+
+    monkeypatch.setattr(critic, "fit_critic", waiting_in_the_worker)
+    model = TRPO("MlpPolicy", "Pendulum-v1", **SMALL)
+    fitted_here = []
+    fit_here = model._critic_fit._fit_here
+    monkeypatch.setattr(model._critic_fit, "_fit_here", lambda job: fitted_here.append(model._n_updates + 1) or fit_here(job))
+    model.learn(5 * SMALL["n_steps"])
+    # The end of rollout 2 waited about a second for update 1's fit: updates 2 and 3 fit here;
+    # 4 in the worker again, and the end of rollout 5 waited for it: 5 here.
+    assert fitted_here == [2, 3, 5]
+    assert worker_pid(model) is not None
+    model._critic_fit.close()
+    assert same_weights_and_optimizer_state(model, sequential_reference(5))

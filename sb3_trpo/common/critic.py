@@ -25,6 +25,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 import traceback
 import warnings
 import weakref
@@ -226,6 +227,10 @@ _HEADER = struct.Struct("!Q")
 _POLL_S = 1.0  # how often a waiting process looks at the other one
 _STALL_POLLS = 30  # a worker without CPU time for this many polls is hung
 _STOP_TIMEOUT_S = 5.0
+# "auto" fits here for AUTO_PAUSE updates once the rollout waited longer for AUTO_PATIENCE
+# fits in a row than the worker computed: the cores are busy, the worker only adds waiting.
+AUTO_PATIENCE = 3
+AUTO_PAUSE = 20
 PR_SET_PDEATHSIG = 1
 
 
@@ -307,8 +312,10 @@ def _serve(
         except (EOFError, OSError):
             return
         reply: tuple[str, Any]
+        start = time.process_time()
         try:
-            reply = ("done", fit_critic(policy, optimizer, critic_parameters, job))
+            loss = fit_critic(policy, optimizer, critic_parameters, job)
+            reply = ("done", (loss, time.process_time() - start))
         except Exception:  # reported to the training process, which fits in its own process instead
             reply = ("error", traceback.format_exc())
         payload = pickle.dumps(reply)
@@ -417,8 +424,9 @@ class BackgroundCriticFit:
             self.close()
             raise
 
-    def result(self) -> float | None:
-        """Wait for the fit; its mean loss, or None when the weights became non-finite (and were restored).
+    def result(self) -> tuple[float | None, float]:
+        """Wait for the fit; its mean loss (None when the weights became non-finite and were restored), and the
+        CPU seconds the worker spent on it.
 
         Interrupting the wait (Ctrl-C) leaves the fit running and the worker usable.
         """
@@ -525,15 +533,22 @@ class CriticFit:
     :param policy: the policy whose critic is fitted (with its optimizer)
     :param critic_parameters: the parameters the fit moves
     :param background: fit in a forked worker process (:class:`BackgroundCriticFit`), started at the first fit
+    :param adaptive: ``background_critic_fit="auto"``: fit in this process for :data:`AUTO_PAUSE`
+        updates whenever the end of the rollout waited longer than the worker computed, for
+        :data:`AUTO_PATIENCE` fits in a row (the cores are taken by other work: the worker only
+        adds waiting); the results are the same either way
     """
 
-    def __init__(self, policy: BasePolicy, critic_parameters: list[nn.Parameter], background: bool):
+    def __init__(self, policy: BasePolicy, critic_parameters: list[nn.Parameter], background: bool, adaptive: bool = False):
         self.policy = policy
         self.critic_parameters = critic_parameters
         self.background = background
+        self.adaptive = adaptive
         self._worker: BackgroundCriticFit | None = None
         self._running: _RunningFit | None = None
         self._finished: tuple[int, float | None] | None = None
+        self._waited_longer = 0  # fits in a row the rollout waited longer for than the worker computed
+        self._here_until = 0  # with adaptive, updates before this one fit here
 
     @property
     def worker(self) -> BackgroundCriticFit | None:
@@ -543,7 +558,7 @@ class CriticFit:
     def run(self, job: CriticFitJob, update: int) -> float | None:
         """Fit the critic of ``update`` on ``job``; the mean loss, or None when the fit runs in the background."""
         self._collect()
-        if not self.background:
+        if not self.background or update < self._here_until:
             return checked_critic_loss(self._fit_here(job), update)
         self._running = _RunningFit(job, update, CriticSnapshot(self.policy.optimizer, self.critic_parameters))
         try:
@@ -554,12 +569,15 @@ class CriticFit:
             return checked_critic_loss(self._fit_after_loss(error), update)
         return None
 
-    def wait(self) -> float | None:
+    def wait(self, rollout_end: bool = False) -> float | None:
         """Wait for a fit running in the background; its mean loss, or None when none ran since the last wait.
 
         Interrupting the wait (Ctrl-C) leaves the fit running: the next wait collects it.
+
+        :param rollout_end: the wait is the end of the rollout that ran alongside the fit (with
+            ``adaptive``, how long it takes decides where the next fits run)
         """
-        self._collect()
+        self._collect(rollout_end)
         finished, self._finished = self._finished, None
         return None if finished is None else checked_critic_loss(finished[1], finished[0])
 
@@ -570,18 +588,30 @@ class CriticFit:
             self._worker.close()
             self._worker = None
 
-    def _collect(self) -> None:
+    def _collect(self, rollout_end: bool = False) -> None:
         if self._running is None:
             return
         update = self._running.update
         try:
             if self._worker is None or not self._worker.alive:
                 raise WorkerLost("its connection was cut in the middle of a message")
-            loss = self._worker.result()
+            start = time.perf_counter()
+            loss, worker_cpu_s = self._worker.result()
             self._running = None
+            if rollout_end:
+                self._judge(time.perf_counter() - start, worker_cpu_s, update)
         except WorkerLost as error:
             loss = self._fit_after_loss(error)
         self._finished = (update, loss)
+
+    def _judge(self, waited_s: float, worker_cpu_s: float, update: int) -> None:
+        """With ``adaptive``: fit here for a while once the rollout keeps waiting for longer than the fit costs."""
+        if not self.adaptive:
+            return
+        self._waited_longer = self._waited_longer + 1 if waited_s > worker_cpu_s else 0
+        if self._waited_longer >= AUTO_PATIENCE:
+            self._waited_longer = 0
+            self._here_until = update + 1 + AUTO_PAUSE
 
     def _fit_here(self, job: CriticFitJob) -> float | None:
         return fit_critic(self.policy, self.policy.optimizer, self.critic_parameters, job)

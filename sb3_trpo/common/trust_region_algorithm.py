@@ -360,7 +360,12 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
             **self.rollout_buffer_kwargs,
         )
         self.actor_parameters, self.critic_parameters = self._split_actor_critic()
-        self._critic_fit = CriticFit(self.policy, self.critic_parameters, background=self._fits_critic_in_background())
+        self._critic_fit = CriticFit(
+            self.policy,
+            self.critic_parameters,
+            background=self._fits_critic_in_background(),
+            adaptive=self.background_critic_fit == "auto",
+        )
 
     def _fits_critic_in_background(self) -> bool:
         """What ``background_critic_fit`` means here: "auto" where it can run and pays, True where it can run."""
@@ -390,7 +395,9 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
     ) -> bool:
         """Collect ``n_rollout_steps`` per environment as SB3 does (see :func:`sb3_trpo.common.rollout.collect_rollout`)."""
-        return collect_rollout(self, env, callback, rollout_buffer, n_rollout_steps, wait_for_critic=self._finish_critic_fit)
+        return collect_rollout(
+            self, env, callback, rollout_buffer, n_rollout_steps, wait_for_critic=self._finish_rollout_critic_fit
+        )
 
     # ------------------------------------------------------------------ update
     def train(self) -> None:
@@ -551,11 +558,14 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         job = CriticFitJob.from_rollout(self.rollout_buffer, self.n_critic_updates, self.batch_size, learning_rate)
         return self._critic_fit.run(job, update)
 
-    def _finish_critic_fit(self) -> None:
+    def _finish_critic_fit(self, rollout_end: bool = False) -> None:
         """Wait for a critic fit running in the background and log its loss."""
-        loss = None if self._critic_fit is None else self._critic_fit.wait()
+        loss = None if self._critic_fit is None else self._critic_fit.wait(rollout_end)
         if loss is not None:
             self.logger.record("train/value_loss", loss)
+
+    def _finish_rollout_critic_fit(self) -> None:
+        self._finish_critic_fit(rollout_end=True)
 
     def _excluded_save_params(self) -> list[str]:
         # The parameter lists are derived from the policy, saved in policy.pth, and rebuilt by _setup_model on load.
