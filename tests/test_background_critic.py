@@ -368,15 +368,17 @@ def test_variants_whose_rollout_reads_the_critic_refuse_true_and_fit_here_on_aut
     assert model.background_critic_fit == "auto" and not model._critic_fit.background
 
 
-def test_auto_fits_here_for_a_while_once_the_rollout_keeps_waiting_longer_than_the_worker_computes() -> None:
+def test_auto_fits_here_for_a_while_once_the_worker_keeps_running_without_a_core_of_its_own() -> None:
     fit = TRPO("MlpPolicy", "Pendulum-v1", **SMALL)._critic_fit
     assert fit.adaptive and not TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=True, **SMALL)._critic_fit.adaptive
+    own_core, shared_core = critic.FitTimes(cpu_s=0.19, wall_s=0.2), critic.FitTimes(cpu_s=0.1, wall_s=0.2)
     for update in range(1, critic.AUTO_PATIENCE):
-        fit._judge(waited_s=0.5, worker_cpu_s=0.1, update=update)
-    fit._judge(waited_s=0.05, worker_cpu_s=0.1, update=critic.AUTO_PATIENCE)  # a fit that paid: counting starts again
+        fit._judge(waited_s=0.0, worker=shared_core, update=update)
+    fit._judge(waited_s=0.0, worker=own_core, update=critic.AUTO_PATIENCE)  # a fit on a core of its own: count again
     assert fit._here_until == 0
-    for update in range(critic.AUTO_PATIENCE + 1, 2 * critic.AUTO_PATIENCE + 1):
-        fit._judge(waited_s=0.5, worker_cpu_s=0.1, update=update)
+    fit._judge(waited_s=0.5, worker=own_core, update=critic.AUTO_PATIENCE + 1)  # the rollout waited longer than it computed
+    for update in range(critic.AUTO_PATIENCE + 2, 2 * critic.AUTO_PATIENCE + 1):
+        fit._judge(waited_s=0.0, worker=shared_core, update=update)
     assert fit._here_until == 2 * critic.AUTO_PATIENCE + 1 + critic.AUTO_PAUSE
 
 

@@ -65,6 +65,7 @@ def test_update_on_cuda_equals_update_on_cpu(
         np.random.seed(1)
         th.manual_seed(1)
         model.train()
+        model._critic_fit.wait()  # the CPU model fits its critic in the background by default
     cpu_actor, cpu_critic = actor_vector(on_cpu), critic_vector(on_cpu)
     cuda_actor, cuda_critic = actor_vector(on_cuda), critic_vector(on_cuda)
     cpu_step = cpu_actor - before_actor

@@ -227,10 +227,22 @@ _HEADER = struct.Struct("!Q")
 _POLL_S = 1.0  # how often a waiting process looks at the other one
 _STALL_POLLS = 30  # a worker without CPU time for this many polls is hung
 _STOP_TIMEOUT_S = 5.0
-# "auto" fits here for AUTO_PAUSE updates once the rollout waited longer for AUTO_PATIENCE
-# fits in a row than the worker computed: the cores are busy, the worker only adds waiting.
+# "auto" fits here for AUTO_PAUSE updates after AUTO_PATIENCE fits in a row where the worker
+# had no core of its own: it ran less than AUTO_MIN_CPU_SHARE of its wall time, or the end of
+# the rollout waited for it longer than it computed.
 AUTO_PATIENCE = 3
 AUTO_PAUSE = 20
+AUTO_MIN_CPU_SHARE = 0.75
+
+
+@dataclass
+class FitTimes:
+    """The worker's CPU and wall time for one fit."""
+
+    cpu_s: float
+    wall_s: float
+
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -312,10 +324,10 @@ def _serve(
         except (EOFError, OSError):
             return
         reply: tuple[str, Any]
-        start = time.process_time()
+        start, start_cpu = time.perf_counter(), time.process_time()
         try:
             loss = fit_critic(policy, optimizer, critic_parameters, job)
-            reply = ("done", (loss, time.process_time() - start))
+            reply = ("done", (loss, FitTimes(time.process_time() - start_cpu, time.perf_counter() - start)))
         except Exception:  # reported to the training process, which fits in its own process instead
             reply = ("error", traceback.format_exc())
         payload = pickle.dumps(reply)
@@ -424,9 +436,9 @@ class BackgroundCriticFit:
             self.close()
             raise
 
-    def result(self) -> tuple[float | None, float]:
+    def result(self) -> tuple[float | None, FitTimes]:
         """Wait for the fit; its mean loss (None when the weights became non-finite and were restored), and the
-        CPU seconds the worker spent on it.
+        worker's CPU and wall time for it.
 
         Interrupting the wait (Ctrl-C) leaves the fit running and the worker usable.
         """
@@ -534,9 +546,10 @@ class CriticFit:
     :param critic_parameters: the parameters the fit moves
     :param background: fit in a forked worker process (:class:`BackgroundCriticFit`), started at the first fit
     :param adaptive: ``background_critic_fit="auto"``: fit in this process for :data:`AUTO_PAUSE`
-        updates whenever the end of the rollout waited longer than the worker computed, for
-        :data:`AUTO_PATIENCE` fits in a row (the cores are taken by other work: the worker only
-        adds waiting); the results are the same either way
+        updates after :data:`AUTO_PATIENCE` fits in a row where the worker had no core of its own
+        (it got less than :data:`AUTO_MIN_CPU_SHARE` of its wall time, or the end of the rollout
+        waited for it longer than it computed): the cores are taken by other work, and the worker
+        only takes turns with the rollout. The results are the same either way
     """
 
     def __init__(self, policy: BasePolicy, critic_parameters: list[nn.Parameter], background: bool, adaptive: bool = False):
@@ -547,7 +560,7 @@ class CriticFit:
         self._worker: BackgroundCriticFit | None = None
         self._running: _RunningFit | None = None
         self._finished: tuple[int, float | None] | None = None
-        self._waited_longer = 0  # fits in a row the rollout waited longer for than the worker computed
+        self._without_core = 0  # fits in a row the worker ran without a core of its own
         self._here_until = 0  # with adaptive, updates before this one fit here
 
     @property
@@ -596,21 +609,22 @@ class CriticFit:
             if self._worker is None or not self._worker.alive:
                 raise WorkerLost("its connection was cut in the middle of a message")
             start = time.perf_counter()
-            loss, worker_cpu_s = self._worker.result()
+            loss, times = self._worker.result()
             self._running = None
             if rollout_end:
-                self._judge(time.perf_counter() - start, worker_cpu_s, update)
+                self._judge(time.perf_counter() - start, times, update)
         except WorkerLost as error:
             loss = self._fit_after_loss(error)
         self._finished = (update, loss)
 
-    def _judge(self, waited_s: float, worker_cpu_s: float, update: int) -> None:
-        """With ``adaptive``: fit here for a while once the rollout keeps waiting for longer than the fit costs."""
+    def _judge(self, waited_s: float, worker: FitTimes, update: int) -> None:
+        """With ``adaptive``: fit here for a while once the worker keeps running without a core of its own."""
         if not self.adaptive:
             return
-        self._waited_longer = self._waited_longer + 1 if waited_s > worker_cpu_s else 0
-        if self._waited_longer >= AUTO_PATIENCE:
-            self._waited_longer = 0
+        shared_core = worker.cpu_s < AUTO_MIN_CPU_SHARE * worker.wall_s or waited_s > worker.cpu_s
+        self._without_core = self._without_core + 1 if shared_core else 0
+        if self._without_core >= AUTO_PATIENCE:
+            self._without_core = 0
             self._here_until = update + 1 + AUTO_PAUSE
 
     def _fit_here(self, job: CriticFitJob) -> float | None:
