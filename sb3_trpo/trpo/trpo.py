@@ -73,8 +73,8 @@ class TRPO(NPG):
         while the next rollout is collected; the numbers are those of the fit in the training
         process, and the value loss of an update is logged with the next one. ``"auto"`` (the
         default) does so where it can run and pays: Linux, CPU, Adam/AdamW, at least two CPUs
-        in the process's affinity, and not while the end of the rollout keeps waiting for the
-        worker longer than it computes (busy cores: see :class:`~sb3_trpo.common.critic.CriticFit`).
+        in the process's affinity, and not while the worker keeps running without a core of its
+        own (busy cores: see :class:`~sb3_trpo.common.critic.CriticFit`).
         ``True`` forces it (a ``ValueError`` where it cannot run; a model loaded where it cannot
         run fits in the training process, with a warning), ``False`` never. The worker moves
         the policy's weights and the critic's Adam state to shared memory and costs about 25 MB
