@@ -11,6 +11,7 @@ import copy
 import gc
 import os
 import pickle
+import resource
 import signal
 import subprocess
 import sys
@@ -233,9 +234,10 @@ def test_save_copy_and_pickle_during_a_rollout_see_the_fitted_critic(background_
     copies = {}
 
     def save_and_copy(model: TRPO) -> None:
-        model.save(tmp_path / "model")
+        # Each of them first waits for update 1's fit, running in the worker now.
         copies["deepcopy"] = copy.deepcopy(model)
         copies["pickle"] = pickle.loads(pickle.dumps(model))
+        model.save(tmp_path / "model")
 
     background_model.learn(3 * SMALL["n_steps"], callback=AtRolloutStep(2, save_and_copy))
     reference = sequential_reference(1)
@@ -406,3 +408,21 @@ def test_auto_moves_the_fits_here_when_the_worker_gets_no_cpu(monkeypatch: pytes
     assert worker_pid(model) is not None
     model._critic_fit.close()
     assert same_weights_and_optimizer_state(model, sequential_reference(5))
+
+
+def test_the_worker_works_with_descriptors_numbered_above_1024() -> None:
+    # Each tensor moved to shared memory keeps a descriptor open: many models reach select()'s limit.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip("needs 2048 file descriptors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        model = TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=True, **SMALL).learn(3 * SMALL["n_steps"])
+        assert model._critic_fit.worker._connection.fileno() > 1024
+        assert same_weights_and_optimizer_state(model, sequential_reference(3))
+        model._critic_fit.close()
+    finally:
+        for descriptor in spare:
+            os.close(descriptor)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -314,8 +314,7 @@ def _serve(
     # This process is the worker's own: one thread leaves the other core to the rollout.
     th.set_num_threads(1)
     while True:
-        readable, _, _ = select.select([connection], [], [], _POLL_S)
-        if not readable:
+        if not _ready(connection, write=False, timeout_s=_POLL_S):
             if os.getppid() != parent_pid:
                 return
             continue
@@ -335,6 +334,17 @@ def _serve(
             connection.sendall(_HEADER.pack(len(payload)) + payload)
         except OSError:
             return
+
+
+def _ready(connection: socket.socket, write: bool, timeout_s: float) -> bool:
+    """Whether ``connection`` can be written (or read, or is closed) within ``timeout_s`` seconds.
+
+    ``poll``, not ``select``: the descriptor's number may be above ``select``'s 1024 (every
+    tensor in shared memory keeps a descriptor open).
+    """
+    poller = select.poll()
+    poller.register(connection, select.POLLOUT if write else select.POLLIN)
+    return bool(poller.poll(timeout_s * 1000))
 
 
 def _cpu_ticks(pid: int) -> int | None:
@@ -478,8 +488,7 @@ class BackgroundCriticFit:
     def _wait(self, write: bool) -> None:
         """Return once the connection is ready; raise :class:`WorkerLost` if the worker died or hangs."""
         ticks, stalled = _cpu_ticks(self._process.pid), 0  # type: ignore[arg-type]
-        connection = [self._connection]
-        while not any(select.select([] if write else connection, connection if write else [], [], _POLL_S)[:2]):
+        while not _ready(self._connection, write, _POLL_S):
             if self._process.exitcode is not None:
                 raise self._lost("it exited")
             now = _cpu_ticks(self._process.pid)  # type: ignore[arg-type]
