@@ -66,6 +66,7 @@ IMPLEMENTATIONS = {"sb3_trpo": "sb3_trpo:TRPO", "sb3_contrib": "sb3_contrib:TRPO
 PACKAGES = ("sb3_trpo", "stable_baselines3", "sb3_contrib", "rl_zoo3", "torch", "gymnasium", "mujoco", "numpy")
 RESULT_FORMAT = 1
 LINE_SEARCH_KEY = "train/is_line_search_success"
+VALUE_LOSS_KEY = "train/value_loss"
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,12 @@ class UpdateRecorder(BaseCallback):
 
     def _on_rollout_start(self) -> None:
         self._collect()
+
+    def _on_rollout_end(self) -> None:
+        # A critic fit that ran in the background during this rollout logged its loss now.
+        logged = self.model.logger.name_to_value
+        if self.record_updates and self.updates and VALUE_LOSS_KEY in logged:
+            self.updates[-1].setdefault(VALUE_LOSS_KEY, float(logged[VALUE_LOSS_KEY]))
 
     def _on_training_end(self) -> None:
         self._collect()

@@ -579,7 +579,7 @@ class CriticFit:
 
     def run(self, job: CriticFitJob, update: int) -> float | None:
         """Fit the critic of ``update`` on ``job``; the mean loss, or None when the fit runs in the background."""
-        self._collect()
+        self.collect()
         if not self.background or update < self._here_until:
             return checked_critic_loss(self._fit_here(job), update)
         self._running = _RunningFit(job, update, CriticSnapshot(self.policy.optimizer, self.critic_parameters))
@@ -599,18 +599,19 @@ class CriticFit:
         :param rollout_end: the wait is the end of the rollout that ran alongside the fit (with
             ``adaptive``, how long it takes decides where the next fits run)
         """
-        self._collect(rollout_end)
+        self.collect(rollout_end)
         finished, self._finished = self._finished, None
         return None if finished is None else checked_critic_loss(finished[1], finished[0])
 
     def close(self) -> None:
         """Wait for a running fit (its loss is kept for :meth:`wait`) and stop the worker; the next fit starts a new one."""
-        self._collect()
+        self.collect()
         if self._worker is not None:
             self._worker.close()
             self._worker = None
 
-    def _collect(self, rollout_end: bool = False) -> None:
+    def collect(self, rollout_end: bool = False) -> None:
+        """Wait for a fit running in the background; its loss is kept for :meth:`wait`."""
         if self._running is None:
             return
         update = self._running.update
@@ -656,5 +657,5 @@ class CriticFit:
         return self._fit_here(running.job)
 
     def __getstate__(self) -> dict[str, Any]:
-        self._collect()
+        self.collect()
         return {**self.__dict__, "_worker": None}

@@ -412,6 +412,10 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         batch = self._policy_batch()
         stats = self._policy_step(batch, update)
         value_loss = self._fit_critic(update)
+        if value_loss is None and self.num_timesteps >= self._total_timesteps:
+            # The last update of learn(): no rollout follows to overlap with, and callbacks
+            # reading the logger at the end of training see its value loss.
+            value_loss = self._critic_fit.wait()  # type: ignore[union-attr]
 
         self._n_updates += 1
         self._log_update(stats, value_loss)
@@ -572,6 +576,14 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
     def _excluded_save_params(self) -> list[str]:
         # The parameter lists are derived from the policy, saved in policy.pth, and rebuilt by _setup_model on load.
         return [*super()._excluded_save_params(), "_critic_fit", "actor_parameters", "critic_parameters"]
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Copies and pickles take the weights after a fit running in the worker (deepcopy
+        # copies the policy before it reaches the critic fit's own __getstate__).
+        critic_fit = self.__dict__.get("_critic_fit")
+        if critic_fit is not None:
+            critic_fit.collect()
+        return self.__dict__.copy()
 
     def save(self, *args: Any, **kwargs: Any) -> None:
         self._finish_critic_fit()
