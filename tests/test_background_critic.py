@@ -28,6 +28,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 
 import sb3_trpo.common.critic as critic
+import sb3_trpo.common.rollout as rollout
 from sb3_trpo import TRPO, MaskableTRPO, NonFiniteError, RecurrentTRPO
 from sb3_trpo.common.critic import CriticSnapshot, background_unavailable, regress
 
@@ -79,6 +80,13 @@ class AtRolloutStep(BaseCallback):
 
 def sequential_reference(updates: int) -> TRPO:
     return TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=False, **SMALL).learn(updates * SMALL["n_steps"])
+
+
+@pytest.fixture(autouse=True)
+def batched_rollout_with_test_callbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test callbacks never change the policy: the batched rollout runs, during which a fit runs in the worker
+    (SB3's loop, for callbacks it does not know, waits for the fit first)."""
+    monkeypatch.setattr(rollout, "WEIGHT_NEUTRAL_CALLBACKS", rollout.WEIGHT_NEUTRAL_CALLBACKS | {AtRolloutStep})
 
 
 @pytest.fixture
@@ -133,6 +141,9 @@ class Ready(BaseCallback):
             print("ready", worker_pid(self.model), flush=True)
             time.sleep({CHILD_TIMEOUT_S})
         return True
+
+import sb3_trpo.common.rollout as rollout
+rollout.WEIGHT_NEUTRAL_CALLBACKS = rollout.WEIGHT_NEUTRAL_CALLBACKS | {{Ready}}  # the batched rollout runs
 """
 
 
