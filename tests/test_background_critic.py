@@ -26,6 +26,7 @@ import torch as th
 from sb3_contrib.common.envs import InvalidActionEnvDiscrete
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.logger import Logger
 
 import sb3_trpo.common.critic as critic
 import sb3_trpo.common.rollout as rollout
@@ -78,6 +79,19 @@ class AtRolloutStep(BaseCallback):
         return True
 
 
+class SleepAtRolloutStart(BaseCallback):
+    """Sleeps ``seconds`` at the first step of each rollout."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+    def _on_step(self) -> bool:
+        if self.model.rollout_buffer.pos == 0:
+            time.sleep(self.seconds)
+        return True
+
+
 def sequential_reference(updates: int) -> TRPO:
     return TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=False, **SMALL).learn(updates * SMALL["n_steps"])
 
@@ -85,8 +99,9 @@ def sequential_reference(updates: int) -> TRPO:
 @pytest.fixture(autouse=True)
 def batched_rollout_with_test_callbacks(monkeypatch: pytest.MonkeyPatch) -> None:
     """The test callbacks never change the policy: the batched rollout runs, during which a fit runs in the worker
-    (SB3's loop, for callbacks it does not know, waits for the fit first)."""
-    monkeypatch.setattr(rollout, "WEIGHT_NEUTRAL_CALLBACKS", rollout.WEIGHT_NEUTRAL_CALLBACKS | {AtRolloutStep})
+    (SB3's loop, for callbacks it does not know, collects the fit first)."""
+    test_callbacks = {AtRolloutStep, SleepAtRolloutStart}
+    monkeypatch.setattr(rollout, "WEIGHT_NEUTRAL_CALLBACKS", rollout.WEIGHT_NEUTRAL_CALLBACKS | test_callbacks)
 
 
 @pytest.fixture
@@ -381,18 +396,83 @@ def test_variants_whose_rollout_reads_the_critic_refuse_true_and_fit_here_on_aut
     assert model.background_critic_fit == "auto" and not model._critic_fit.background
 
 
-def test_auto_fits_here_for_a_while_once_the_worker_keeps_running_without_a_core_of_its_own() -> None:
+def test_auto_fits_here_for_a_while_once_the_worker_keeps_being_stopped_without_a_core_of_its_own() -> None:
     fit = TRPO("MlpPolicy", "Pendulum-v1", **SMALL)._critic_fit
     assert fit.adaptive and not TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=True, **SMALL)._critic_fit.adaptive
-    own_core, shared_core = critic.FitTimes(cpu_s=0.19, wall_s=0.2), critic.FitTimes(cpu_s=0.1, wall_s=0.2)
+    busy, own_core = critic.AUTO_MIN_CPU_SHARE / 2, (1 + critic.AUTO_MIN_CPU_SHARE) / 2
     for update in range(1, critic.AUTO_PATIENCE):
-        fit._judge(waited_s=0.0, worker=shared_core, update=update)
-    fit._judge(waited_s=0.0, worker=own_core, update=critic.AUTO_PATIENCE)  # a fit on a core of its own: count again
+        fit._judge(stopped=True, cpu_share=busy, update=update)
+    fit._judge(stopped=True, cpu_share=own_core, update=critic.AUTO_PATIENCE)  # stopped, but it had a core: count again
     assert fit._here_until == 0
-    fit._judge(waited_s=0.5, worker=own_core, update=critic.AUTO_PATIENCE + 1)  # the rollout waited longer than it computed
-    for update in range(critic.AUTO_PATIENCE + 2, 2 * critic.AUTO_PATIENCE + 1):
-        fit._judge(waited_s=0.0, worker=shared_core, update=update)
-    assert fit._here_until == 2 * critic.AUTO_PATIENCE + 1 + critic.AUTO_PAUSE
+    for update in range(critic.AUTO_PATIENCE + 1, 2 * critic.AUTO_PATIENCE):
+        fit._judge(stopped=True, cpu_share=busy, update=update)
+    fit._judge(stopped=False, cpu_share=busy, update=2 * critic.AUTO_PATIENCE)  # it finished in time: count again
+    assert fit._here_until == 0
+    for update in range(2 * critic.AUTO_PATIENCE + 1, 3 * critic.AUTO_PATIENCE + 1):
+        fit._judge(stopped=True, cpu_share=busy, update=update)
+    assert fit._here_until == 3 * critic.AUTO_PATIENCE + 1 + critic.AUTO_PAUSE
+
+
+def logged_value_losses(model: TRPO) -> list[float]:
+    """The value losses the model will log, in order."""
+    model.set_logger(Logger(folder=None, output_formats=[]))
+    losses, record = [], model.logger.record
+
+    def recording(key, value, exclude=None) -> None:
+        if key == "train/value_loss":
+            losses.append(value)
+        record(key, value, exclude)
+
+    model.logger.record = recording  # type: ignore[method-assign]
+    return losses
+
+
+def slow_minibatches_in_the_worker(monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Each minibatch of a fit in a worker process takes ``seconds`` longer, sleeping (no CPU time)."""
+    training_process, mse_loss = os.getpid(), critic.F.mse_loss
+
+    def slow_mse_loss(*args, **kwargs):
+        if os.getpid() != training_process:
+            time.sleep(seconds)
+        return mse_loss(*args, **kwargs)
+
+    monkeypatch.setattr(critic.F, "mse_loss", slow_mse_loss)
+
+
+def test_a_fit_unfinished_at_the_end_of_the_rollout_is_finished_here_with_the_same_numbers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    slow_minibatches_in_the_worker(monkeypatch, 0.01)
+    model = TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=True, **SMALL)
+    worker_minibatches: list[int | None] = []  # of each fit finished here: how many the worker had fitted
+    fit_here = model._critic_fit._fit_here
+
+    def recorded(job, before=None, losses=None):
+        worker_minibatches.append(None if losses is None else len(losses))
+        return fit_here(job, before, losses)
+
+    monkeypatch.setattr(model._critic_fit, "_fit_here", recorded)
+    losses = logged_value_losses(model)
+    # The worker fits some minibatches while the rollout sleeps at its start (the worker has the core), not all.
+    model.learn(4 * SMALL["n_steps"], callback=SleepAtRolloutStart(0.5))
+    minibatches = SMALL["n_critic_updates"] * SMALL["n_steps"] // SMALL["batch_size"]
+    # Updates 1-3 were stopped in the worker when the next rollout ended and finished here; the
+    # last one ran here from its start (no rollout follows it).
+    assert len(worker_minibatches) == 4 and worker_minibatches[3] is None, worker_minibatches
+    assert all(0 < done < minibatches for done in worker_minibatches[:3]), worker_minibatches
+    assert worker_pid(model) is not None and model._critic_fit.background
+    assert same_weights_and_optimizer_state(model, sequential_reference(4))
+    reference = TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=False, **SMALL)
+    reference_losses = logged_value_losses(reference)
+    reference.learn(4 * SMALL["n_steps"])
+    assert len(losses) == 4 and losses == reference_losses
+    model._critic_fit.close()
+
+
+def test_the_worker_runs_only_on_cpu_time_nobody_else_wants(background_model: TRPO) -> None:
+    background_model.learn(2 * SMALL["n_steps"])
+    assert os.sched_getscheduler(worker_pid(background_model)) == os.SCHED_IDLE
+    assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the training process keeps its priority
 
 
 def test_auto_moves_the_fits_here_when_the_worker_gets_no_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -400,25 +480,20 @@ def test_auto_moves_the_fits_here_when_the_worker_gets_no_cpu(monkeypatch: pytes
         pytest.skip("auto fits in the background only with two CPUs")
     monkeypatch.setattr(critic, "AUTO_PATIENCE", 1)
     monkeypatch.setattr(critic, "AUTO_PAUSE", 2)
-    training_process, fit_critic = os.getpid(), critic.fit_critic
-
-    def waiting_in_the_worker(*args, **kwargs):
-        if os.getpid() != training_process:
-            time.sleep(1.0)  # the worker waits instead of computing, as without a free core
-        return fit_critic(*args, **kwargs)
-
-    monkeypatch.setattr(critic, "fit_critic", waiting_in_the_worker)
+    slow_minibatches_in_the_worker(monkeypatch, 1.0)  # the worker waits instead of computing, as without a free core
     model = TRPO("MlpPolicy", "Pendulum-v1", **SMALL)
-    fitted_here = []
-    fit_here = model._critic_fit._fit_here
-    monkeypatch.setattr(model._critic_fit, "_fit_here", lambda job: fitted_here.append(model._n_updates + 1) or fit_here(job))
-    model.learn(5 * SMALL["n_steps"])
-    # The end of rollout 2 waited about a second for update 1's fit: updates 2 and 3 fit here;
-    # 4 in the worker again, and the end of rollout 5 waited for it: 5 here.
-    assert fitted_here == [2, 3, 5]
+    submitted = []
+    submit = critic.BackgroundCriticFit.submit
+    monkeypatch.setattr(
+        critic.BackgroundCriticFit, "submit", lambda worker, job: submitted.append(model._n_updates + 1) or submit(worker, job)
+    )
+    model.learn(6 * SMALL["n_steps"])
+    # At the end of rollout 2 the worker had hardly run for a second: updates 2 and 3 fit here;
+    # 4 in the worker again, stopped at the end of rollout 5: 5 here; 6 is the last update, here.
+    assert submitted == [1, 4]
     assert worker_pid(model) is not None
     model._critic_fit.close()
-    assert same_weights_and_optimizer_state(model, sequential_reference(5))
+    assert same_weights_and_optimizer_state(model, sequential_reference(6))
 
 
 def test_the_worker_works_with_descriptors_numbered_above_1024() -> None:

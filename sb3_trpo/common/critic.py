@@ -16,6 +16,8 @@ import contextlib
 import copy
 import faulthandler
 import gc
+import itertools
+import mmap
 import multiprocessing
 import os
 import pickle
@@ -30,7 +32,7 @@ import traceback
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -143,25 +145,52 @@ class CriticSnapshot:
                     state[key] = value
 
 
+class FitStopped(Exception):
+    """A fit stopped between two minibatches (the training process took it over).
+
+    :param losses: the losses of the minibatches it fitted, in order
+    """
+
+    def __init__(self, losses: list[th.Tensor]):
+        super().__init__(f"stopped after {len(losses)} minibatches")
+        self.losses = losses
+
+
 def regress(
-    optimizer: th.optim.Optimizer, critic_parameters: list[nn.Parameter], minibatch_losses: Iterable[Callable[[], th.Tensor]]
+    optimizer: th.optim.Optimizer,
+    critic_parameters: list[nn.Parameter],
+    minibatch_losses: Iterable[Callable[[], th.Tensor]],
+    before: CriticSnapshot | None = None,
+    losses: list[th.Tensor] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> float | None:
     """One optimizer step per minibatch loss, moving only ``critic_parameters``.
 
+    A fit can stop between two minibatches and be continued by another process that shares the
+    weights and the optimizer state: it passes the first one's ``before`` and ``losses`` and the
+    remaining minibatches, and computes the same numbers as one uninterrupted fit.
+
+    :param before: the state to put back when a weight becomes non-finite (default: the state now)
+    :param losses: the losses of the minibatches fitted before ``minibatch_losses``
+    :param stop: asked before each minibatch; :class:`FitStopped` is raised once it returns True
     :return: the mean minibatch loss, or None when a weight became non-finite; the critic
-        weights and their optimizer state are then put back as they were before the fit
+        weights and their optimizer state are then put back as ``before``
     """
-    before = CriticSnapshot(optimizer, critic_parameters)
-    losses = []
-    for minibatch_loss in minibatch_losses:
-        loss = minibatch_loss()
-        grads = th.autograd.grad(loss, critic_parameters)
-        for param, grad in zip(critic_parameters, grads, strict=True):
-            param.grad = grad
-        optimizer.step()
-        losses.append(loss.detach())
-    for param in critic_parameters:
-        param.grad = None
+    before = before if before is not None else CriticSnapshot(optimizer, critic_parameters)
+    losses = list(losses) if losses is not None else []
+    try:
+        for minibatch_loss in minibatch_losses:
+            if stop is not None and stop():
+                raise FitStopped(losses)
+            loss = minibatch_loss()
+            grads = th.autograd.grad(loss, critic_parameters)
+            for param, grad in zip(critic_parameters, grads, strict=True):
+                param.grad = grad
+            optimizer.step()
+            losses.append(loss.detach())
+    finally:
+        for param in critic_parameters:
+            param.grad = None
     if critic_parameters and not all(bool(th.isfinite(param).all()) for param in critic_parameters):
         before.restore()
         return None
@@ -169,9 +198,18 @@ def regress(
 
 
 def fit_critic(
-    policy: BasePolicy, optimizer: th.optim.Optimizer, critic_parameters: list[nn.Parameter], job: CriticFitJob
+    policy: BasePolicy,
+    optimizer: th.optim.Optimizer,
+    critic_parameters: list[nn.Parameter],
+    job: CriticFitJob,
+    before: CriticSnapshot | None = None,
+    losses: list[th.Tensor] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> float | None:
-    """Minibatch regression of ``policy.predict_values`` on the returns (see :func:`regress`)."""
+    """Minibatch regression of ``policy.predict_values`` on the returns (see :func:`regress`).
+
+    With ``losses``, the fit continues after its first ``len(losses)`` minibatches.
+    """
     for group in optimizer.param_groups:
         group["lr"] = job.learning_rate
     prefer_fused_adam(optimizer)
@@ -191,7 +229,8 @@ def fit_critic(
         for permutation in th.as_tensor(job.permutations, device=policy.device)
         for start in range(0, n_samples, job.batch_size)
     )
-    return regress(optimizer, critic_parameters, minibatches)
+    done = 0 if losses is None else len(losses)
+    return regress(optimizer, critic_parameters, itertools.islice(minibatches, done, None), before, losses, stop)
 
 
 # ----------------------------------------------------------------------------- when it can run
@@ -227,22 +266,12 @@ _HEADER = struct.Struct("!Q")
 _POLL_S = 1.0  # how often a waiting process looks at the other one
 _STALL_POLLS = 30  # a worker without CPU time for this many polls is hung
 _STOP_TIMEOUT_S = 5.0
-# "auto" fits here for AUTO_PAUSE updates after AUTO_PATIENCE fits in a row where the worker
-# had no core of its own: it ran less than AUTO_MIN_CPU_SHARE of its wall time, or the end of
-# the rollout waited for it longer than it computed.
+# "auto" fits here for AUTO_PAUSE updates after AUTO_PATIENCE rollouts in a row at whose end the
+# fit was not done and the worker had run less than AUTO_MIN_CPU_SHARE of the rollout's time:
+# the cores are busy with other work, and the worker costs its messages for little help.
 AUTO_PATIENCE = 3
 AUTO_PAUSE = 20
-AUTO_MIN_CPU_SHARE = 0.75
-
-
-@dataclass
-class FitTimes:
-    """The worker's CPU and wall time for one fit."""
-
-    cpu_s: float
-    wall_s: float
-
-
+AUTO_MIN_CPU_SHARE = 0.5
 PR_SET_PDEATHSIG = 1
 
 
@@ -299,11 +328,21 @@ def _close_inherited_descriptors(keep: set[int]) -> None:
                 os.close(descriptor)
 
 
+def _lowest_priority() -> None:
+    """Run this process only on CPU time no other process wants (``SCHED_IDLE``, else nice 19)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        with contextlib.suppress(OSError):
+            os.nice(19)
+
+
 def _serve(
     connection: socket.socket,
     policy: BasePolicy,
     optimizer: th.optim.Optimizer,
     critic_parameters: list[nn.Parameter],
+    stop_requested: mmap.mmap,
     parent_pid: int,
     forked_by_main_thread: bool,
 ) -> None:
@@ -311,7 +350,10 @@ def _serve(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _exit_with_parent(parent_pid, forked_by_main_thread)
     _close_inherited_descriptors({connection.fileno()})
-    # This process is the worker's own: one thread leaves the other core to the rollout.
+    # A busy machine gives the worker no time: the training process then takes its fit over
+    # at the end of the rollout instead of waiting, and the worker took no time from anyone.
+    _lowest_priority()
+    # One thread: the worker's only use is a core nobody else wants.
     th.set_num_threads(1)
     while True:
         if not _ready(connection, write=False, timeout_s=_POLL_S):
@@ -323,10 +365,12 @@ def _serve(
         except (EOFError, OSError):
             return
         reply: tuple[str, Any]
-        start, start_cpu = time.perf_counter(), time.process_time()
+        start_cpu = time.process_time()
         try:
-            loss = fit_critic(policy, optimizer, critic_parameters, job)
-            reply = ("done", (loss, FitTimes(time.process_time() - start_cpu, time.perf_counter() - start)))
+            loss = fit_critic(policy, optimizer, critic_parameters, job, stop=lambda: stop_requested[0] != 0)
+            reply = ("done", (loss, time.process_time() - start_cpu))
+        except FitStopped as stopped:
+            reply = ("stopped", (th.stack(stopped.losses) if stopped.losses else None, time.process_time() - start_cpu))
         except Exception:  # reported to the training process, which fits in its own process instead
             reply = ("error", traceback.format_exc())
         payload = pickle.dumps(reply)
@@ -372,10 +416,13 @@ class BackgroundCriticFit:
     """A forked worker process that fits the critic on weights and Adam state shared with this process.
 
     The policy's parameters and the critic's Adam state move to shared memory, so the
-    worker's updates are the training process's weights and optimizer state. The worker
-    ignores Ctrl-C, exits when the training process dies (even by SIGKILL), and keeps no
-    file descriptor but its connection. Every wait on it here ends: :class:`WorkerLost` is
-    raised when the worker exits, fails, or gets no CPU time for ``_STALL_POLLS`` polls.
+    worker's updates are the training process's weights and optimizer state. The worker runs
+    at the lowest priority (``SCHED_IDLE``), on CPU time no other process wants; a fit it has
+    not finished when the training process needs the critic is stopped between two minibatches
+    (:meth:`request_stop`) and continued there. The worker ignores Ctrl-C, exits when the
+    training process dies (even by SIGKILL), and keeps no file descriptor but its connection.
+    Every wait on it here ends: :class:`WorkerLost` is raised when the worker exits, fails, or
+    gets no CPU time for ``_STALL_POLLS`` polls.
     """
 
     def __init__(self, policy: BasePolicy, optimizer: th.optim.Optimizer, critic_parameters: list[nn.Parameter]):
@@ -388,6 +435,8 @@ class BackgroundCriticFit:
             for value in optimizer.state[param].values():
                 value.share_memory_()
         self._connection, child = socket.socketpair()
+        # One byte of anonymous shared memory, read by the worker between two minibatches.
+        self._stop_requested = mmap.mmap(-1, 1)
         self._process = multiprocessing.get_context("fork").Process(
             target=_serve,
             args=(
@@ -395,6 +444,7 @@ class BackgroundCriticFit:
                 policy,
                 optimizer,
                 critic_parameters,
+                self._stop_requested,
                 os.getpid(),
                 threading.current_thread() is threading.main_thread(),
             ),
@@ -430,6 +480,7 @@ class BackgroundCriticFit:
 
     def submit(self, job: CriticFitJob) -> None:
         """Send a fit to the worker."""
+        self._stop_requested[0] = 0
         payload = pickle.dumps(job, protocol=pickle.HIGHEST_PROTOCOL)
         data = memoryview(_HEADER.pack(len(payload)) + payload)
         try:
@@ -440,15 +491,23 @@ class BackgroundCriticFit:
                 except BlockingIOError:
                     continue
                 except OSError as error:
-                    raise self._lost(f"its connection broke ({error})") from error
+                    raise self._lost(f"its connection broke ({error})", error) from error
         except BaseException:
             # A message cut in the middle (by a Ctrl-C as well) leaves the connection unusable.
             self.close()
             raise
 
-    def result(self) -> tuple[float | None, FitTimes]:
-        """Wait for the fit; its mean loss (None when the weights became non-finite and were restored), and the
-        worker's CPU and wall time for it.
+    def finished(self) -> bool:
+        """Whether the worker has replied (or exited): :meth:`result` returns without waiting."""
+        return _ready(self._connection, write=False, timeout_s=0)
+
+    def request_stop(self) -> None:
+        """Have the worker stop its fit before the next minibatch (:meth:`result` then gives a :class:`FitStopped`)."""
+        self._stop_requested[0] = 1
+
+    def result(self) -> tuple[float | FitStopped | None, float]:
+        """Wait for the worker's reply: the fit's mean loss (None when the weights became non-finite and were
+        restored) or, when it was stopped, a :class:`FitStopped`; and the worker's CPU time for it.
 
         Interrupting the wait (Ctrl-C) leaves the fit running and the worker usable.
         """
@@ -463,6 +522,9 @@ class BackgroundCriticFit:
             raise
         if status == "error":
             raise WorkerLost(f"the fit raised {value.strip().splitlines()[-1]}")
+        if status == "stopped":
+            losses, cpu_s = value
+            return FitStopped([] if losses is None else list(losses.unbind())), cpu_s
         return value
 
     def close(self) -> None:
@@ -479,7 +541,7 @@ class BackgroundCriticFit:
             except BlockingIOError:
                 continue
             except OSError as error:
-                raise self._lost(f"its connection broke ({error})") from error
+                raise self._lost(f"its connection broke ({error})", error) from error
             if count == 0:
                 raise self._lost("it exited")
             received += count
@@ -498,9 +560,11 @@ class BackgroundCriticFit:
                 self._process.kill()
                 raise self._lost(f"it got no CPU time for {stalled * _POLL_S:.0f} s and was killed")
 
-    def _lost(self, what: str) -> WorkerLost:
+    def _lost(self, what: str, error: OSError | None = None) -> WorkerLost:
         self._process.join(_POLL_S)
         code = self._process.exitcode
+        if error is not None and code is not None:
+            what = "it exited"  # a connection reset by its death (before it read what was sent)
         if code is not None and code < 0:
             what += f" (killed by {signal.Signals(-code).name})"
         elif code:
@@ -535,9 +599,14 @@ def checked_critic_loss(loss: float | None, update: int) -> float:
 
 @dataclass
 class _RunningFit:
+    """A critic fit not yet collected: in the worker, or stopped there and to be finished in this process."""
+
     job: CriticFitJob
     update: int
-    before: CriticSnapshot
+    before: CriticSnapshot  # the critic's state before the fit
+    submitted: float  # time.perf_counter() when the worker was sent the fit
+    in_worker: bool = True
+    losses: list[th.Tensor] = field(default_factory=list)  # of the minibatches fitted, once out of the worker
 
 
 class CriticFit:
@@ -545,20 +614,24 @@ class CriticFit:
 
     A background fit runs while the next rollout is collected; its loss (or its error) is
     collected by :meth:`wait`, which the algorithm calls before anything reads the critic:
-    the end of the rollout, saving, loading, the end of ``learn``. A worker that is lost
-    (killed, crashed, hung, or its connection cut by a Ctrl-C) is replaced by the same fit
-    in this process, from the critic's state before the lost fit, with a warning; the
-    following fits run in this process. Pickling and copying wait for a running fit and
-    leave the worker out (a copy starts its own).
+    the end of the rollout, saving, loading, copying. A fit the worker has not finished
+    then is not waited for: the worker stops between two minibatches and this process fits
+    the remaining ones (the same numbers: the weights and the optimizer state are shared).
+    The worker runs at the lowest priority, so on a busy machine it takes no time from
+    other processes and this process does the whole fit, as without a worker.
+    A worker that is lost (killed, crashed, hung, or its connection cut by a Ctrl-C) is
+    replaced by the same fit in this process, from the critic's state before the lost fit,
+    with a warning; the following fits run in this process. Pickling and copying collect a
+    running fit and leave the worker out (a copy starts its own).
 
     :param policy: the policy whose critic is fitted (with its optimizer)
     :param critic_parameters: the parameters the fit moves
     :param background: fit in a forked worker process (:class:`BackgroundCriticFit`), started at the first fit
     :param adaptive: ``background_critic_fit="auto"``: fit in this process for :data:`AUTO_PAUSE`
-        updates after :data:`AUTO_PATIENCE` fits in a row where the worker had no core of its own
-        (it got less than :data:`AUTO_MIN_CPU_SHARE` of its wall time, or the end of the rollout
-        waited for it longer than it computed): the cores are taken by other work, and the worker
-        only takes turns with the rollout. The results are the same either way
+        updates after :data:`AUTO_PATIENCE` rollouts in a row at whose end the worker had not
+        finished and had run less than :data:`AUTO_MIN_CPU_SHARE` of the time since it got the
+        fit (other work has the cores: sending fits to the worker costs a little and gains
+        nothing). The results are the same either way
     """
 
     def __init__(self, policy: BasePolicy, critic_parameters: list[nn.Parameter], background: bool, adaptive: bool = False):
@@ -569,7 +642,7 @@ class CriticFit:
         self._worker: BackgroundCriticFit | None = None
         self._running: _RunningFit | None = None
         self._finished: tuple[int, float | None] | None = None
-        self._without_core = 0  # fits in a row the worker ran without a core of its own
+        self._without_core = 0  # rollouts in a row at whose end the worker had not had a core of its own
         self._here_until = 0  # with adaptive, updates before this one fit here
 
     @property
@@ -577,84 +650,108 @@ class CriticFit:
         """The background worker, once started (None again once it is stopped or lost)."""
         return self._worker
 
-    def run(self, job: CriticFitJob, update: int) -> float | None:
-        """Fit the critic of ``update`` on ``job``; the mean loss, or None when the fit runs in the background."""
+    def run(self, job: CriticFitJob, update: int, overlap: bool = True) -> float | None:
+        """Fit the critic of ``update`` on ``job``; the mean loss, or None when the fit runs in the background.
+
+        :param overlap: whether a rollout follows that the fit can overlap with (not after the last update of
+            ``learn``: the fit then runs here)
+        """
         self.collect()
-        if not self.background or update < self._here_until:
+        if not (self.background and overlap) or update < self._here_until:
             return checked_critic_loss(self._fit_here(job), update)
-        self._running = _RunningFit(job, update, CriticSnapshot(self.policy.optimizer, self.critic_parameters))
+        running = _RunningFit(job, update, CriticSnapshot(self.policy.optimizer, self.critic_parameters), time.perf_counter())
+        self._running = running
         try:
             if self._worker is None:
                 self._worker = BackgroundCriticFit(self.policy, self.policy.optimizer, self.critic_parameters)
             self._worker.submit(job)
         except WorkerLost as error:
-            return checked_critic_loss(self._fit_after_loss(error), update)
+            self._lose_worker(running, error)
+            return self.wait()
         return None
 
     def wait(self, rollout_end: bool = False) -> float | None:
-        """Wait for a fit running in the background; its mean loss, or None when none ran since the last wait.
+        """Collect a fit running in the background; its mean loss, or None when none ran since the last wait.
 
-        Interrupting the wait (Ctrl-C) leaves the fit running: the next wait collects it.
-
-        :param rollout_end: the wait is the end of the rollout that ran alongside the fit (with
-            ``adaptive``, how long it takes decides where the next fits run)
+        :param rollout_end: this is the end of the rollout that ran alongside the fit (with
+            ``adaptive``, whether the worker had a core of its own decides where the next fits run)
         """
         self.collect(rollout_end)
         finished, self._finished = self._finished, None
         return None if finished is None else checked_critic_loss(finished[1], finished[0])
 
     def close(self) -> None:
-        """Wait for a running fit (its loss is kept for :meth:`wait`) and stop the worker; the next fit starts a new one."""
+        """Collect a running fit (its loss is kept for :meth:`wait`) and stop the worker; the next fit starts a new one."""
         self.collect()
         if self._worker is not None:
             self._worker.close()
             self._worker = None
 
     def collect(self, rollout_end: bool = False) -> None:
-        """Wait for a fit running in the background; its loss is kept for :meth:`wait`."""
-        if self._running is None:
+        """Finish a fit running in the background: take the worker's result, or stop the worker and fit the rest here.
+
+        Its loss is kept for :meth:`wait`. Interrupted (Ctrl-C), the fit is left to the next call.
+        """
+        running = self._running
+        if running is None:
             return
-        update = self._running.update
+        if running.in_worker:
+            outcome = self._from_worker(running, rollout_end)
+            if not isinstance(outcome, FitStopped):
+                self._running, self._finished = None, (running.update, outcome)
+                return
+            running.in_worker, running.losses = False, outcome.losses
+        try:
+            loss = self._fit_here(running.job, running.before, running.losses)
+        except BaseException:
+            # Interrupted between two optimizer steps or within one: fit again from the start.
+            running.before.restore()
+            running.losses = []
+            raise
+        self._running, self._finished = None, (running.update, loss)
+
+    def _from_worker(self, running: _RunningFit, rollout_end: bool) -> float | FitStopped | None:
+        """The worker's loss for ``running``, or what it fitted when stopped (nothing when it was lost)."""
         try:
             if self._worker is None or not self._worker.alive:
                 raise WorkerLost("its connection was cut in the middle of a message")
-            start = time.perf_counter()
-            loss, times = self._worker.result()
-            self._running = None
-            if rollout_end:
-                self._judge(time.perf_counter() - start, times, update)
+            if not self._worker.finished():
+                self._worker.request_stop()
+            outcome, cpu_s = self._worker.result()
         except WorkerLost as error:
-            loss = self._fit_after_loss(error)
-        self._finished = (update, loss)
+            self._lose_worker(running, error)
+            return FitStopped([])
+        if rollout_end and self.adaptive:
+            self._judge(isinstance(outcome, FitStopped), cpu_s / (time.perf_counter() - running.submitted), running.update)
+        return outcome
 
-    def _judge(self, waited_s: float, worker: FitTimes, update: int) -> None:
-        """With ``adaptive``: fit here for a while once the worker keeps running without a core of its own."""
-        if not self.adaptive:
-            return
-        shared_core = worker.cpu_s < AUTO_MIN_CPU_SHARE * worker.wall_s or waited_s > worker.cpu_s
-        self._without_core = self._without_core + 1 if shared_core else 0
+    def _judge(self, stopped: bool, cpu_share: float, update: int) -> None:
+        """Fit here for a while once the worker keeps being stopped before it could fit on a core of its own."""
+        without_core = stopped and cpu_share < AUTO_MIN_CPU_SHARE
+        self._without_core = self._without_core + 1 if without_core else 0
         if self._without_core >= AUTO_PATIENCE:
             self._without_core = 0
             self._here_until = update + 1 + AUTO_PAUSE
 
-    def _fit_here(self, job: CriticFitJob) -> float | None:
-        return fit_critic(self.policy, self.policy.optimizer, self.critic_parameters, job)
+    def _fit_here(
+        self, job: CriticFitJob, before: CriticSnapshot | None = None, losses: list[th.Tensor] | None = None
+    ) -> float | None:
+        return fit_critic(self.policy, self.policy.optimizer, self.critic_parameters, job, before, losses)
 
-    def _fit_after_loss(self, error: WorkerLost) -> float | None:
-        assert self._running is not None
-        running, self._running = self._running, None
+    def _lose_worker(self, running: _RunningFit, error: WorkerLost) -> None:
+        """Stop using the worker; ``running`` is fitted here from the critic's state before it."""
         warnings.warn(
-            f"the background critic fit of update {running.update} was lost: {error}. The critic was fitted in the "
+            f"the background critic fit of update {running.update} was lost: {error}. The critic is fitted in the "
             "training process instead, from the same state (same result), and will be from now on.",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=4,
         )
         if self._worker is not None:
             self._worker.close()
             self._worker = None
         self.background = False
         running.before.restore()
-        return self._fit_here(running.job)
+        running.in_worker, running.losses = False, []
 
     def __getstate__(self) -> dict[str, Any]:
         self.collect()

@@ -412,10 +412,6 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         batch = self._policy_batch()
         stats = self._policy_step(batch, update)
         value_loss = self._fit_critic(update)
-        if value_loss is None and self.num_timesteps >= self._total_timesteps:
-            # The last update of learn(): no rollout follows to overlap with, and callbacks
-            # reading the logger at the end of training see its value loss.
-            value_loss = self._critic_fit.wait()  # type: ignore[union-attr]
 
         self._n_updates += 1
         self._log_update(stats, value_loss)
@@ -562,7 +558,9 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         assert self._critic_fit is not None, "the model is not set up"
         learning_rate = self.policy.optimizer.param_groups[0]["lr"]
         job = CriticFitJob.from_rollout(self.rollout_buffer, self.n_critic_updates, self.batch_size, learning_rate)
-        return self._critic_fit.run(job, update)
+        # After the last update of learn() no rollout follows to overlap with (and callbacks
+        # reading the logger at the end of training see its value loss).
+        return self._critic_fit.run(job, update, overlap=self.num_timesteps < self._total_timesteps)
 
     def _finish_critic_fit(self, rollout_end: bool = False) -> None:
         """Wait for a critic fit running in the background and log its loss."""
