@@ -396,21 +396,54 @@ def test_variants_whose_rollout_reads_the_critic_refuse_true_and_fit_here_on_aut
     assert model.background_critic_fit == "auto" and not model._critic_fit.background
 
 
-def test_auto_fits_here_for_a_while_once_the_worker_keeps_being_stopped_without_a_core_of_its_own() -> None:
-    fit = TRPO("MlpPolicy", "Pendulum-v1", **SMALL)._critic_fit
-    assert fit.adaptive and not TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=True, **SMALL)._critic_fit.adaptive
-    busy, own_core = critic.AUTO_MIN_CPU_SHARE / 2, (1 + critic.AUTO_MIN_CPU_SHARE) / 2
-    for update in range(1, critic.AUTO_PATIENCE):
-        fit._judge(stopped=True, cpu_share=busy, update=update)
-    fit._judge(stopped=True, cpu_share=own_core, update=critic.AUTO_PATIENCE)  # stopped, but it had a core: count again
-    assert fit._here_until == 0
-    for update in range(critic.AUTO_PATIENCE + 1, 2 * critic.AUTO_PATIENCE):
-        fit._judge(stopped=True, cpu_share=busy, update=update)
-    fit._judge(stopped=False, cpu_share=busy, update=2 * critic.AUTO_PATIENCE)  # it finished in time: count again
-    assert fit._here_until == 0
-    for update in range(2 * critic.AUTO_PATIENCE + 1, 3 * critic.AUTO_PATIENCE + 1):
-        fit._judge(stopped=True, cpu_share=busy, update=update)
-    assert fit._here_until == 3 * critic.AUTO_PATIENCE + 1 + critic.AUTO_PAUSE
+def test_spare_cpus_count_idle_time_and_the_workers_time_over_the_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    tick_s = 1 / os.sysconf("SC_CLK_TCK")
+    earlier = critic.CpuSample(wall_s=10.0, idle_ticks=1000, worker=7, worker_ticks=50)
+    idle_half_the_time = critic.CpuSample(wall_s=12.0, idle_ticks=1000 + round(1.0 / tick_s), worker=7, worker_ticks=50)
+    assert idle_half_the_time.spare_cpus_since(earlier) == pytest.approx(0.5)
+    # The worker's CPU time was nobody else's (it runs at the lowest priority): spare as well.
+    worker_busy = critic.CpuSample(wall_s=12.0, idle_ticks=1000, worker=7, worker_ticks=50 + round(1.5 / tick_s))
+    assert worker_busy.spare_cpus_since(earlier) == pytest.approx(0.75)
+    other_worker = critic.CpuSample(wall_s=12.0, idle_ticks=1000, worker=8, worker_ticks=10**6)
+    assert other_worker.spare_cpus_since(earlier) == 0
+    too_short = critic.CpuSample(wall_s=10.01, idle_ticks=2000, worker=7, worker_ticks=50)
+    assert too_short.spare_cpus_since(earlier) is None
+    unknown = critic.CpuSample(wall_s=12.0, idle_ticks=None, worker=7, worker_ticks=50)
+    assert unknown.spare_cpus_since(earlier) is None
+    # /proc/stat: idle and iowait of the process's CPUs only.
+    stat = "cpu  9 9 9 9 9 9 9 9 9 9\ncpu0 1 2 3 40 5 6 7 8 9 10\ncpu1 1 2 3 400 50 6 7 8 9 10\nintr 1\n"
+    monkeypatch.setattr(critic, "open", lambda *args: __import__("io").BytesIO(stat.encode()), raising=False)
+    assert critic._idle_cpu_ticks({1}) == 450 and critic._idle_cpu_ticks({0, 1}) == 495
+
+
+@pytest.mark.parametrize("spare_s_per_s", [0.0, 0.4, 0.6])
+def test_auto_sends_a_fit_to_the_worker_only_after_a_rollout_that_left_a_cpu_spare(
+    monkeypatch: pytest.MonkeyPatch, spare_s_per_s: float
+) -> None:
+    if not critic.background_pays():
+        pytest.skip("auto fits in the background only with two CPUs")
+    # A machine whose CPUs are idle spare_s_per_s of every second; each sample a second after the previous one.
+    samples = iter(range(10**6))
+
+    def sample(cls, worker: int | None) -> critic.CpuSample:
+        wall_s = float(next(samples))
+        return critic.CpuSample(wall_s, round(wall_s * spare_s_per_s * os.sysconf("SC_CLK_TCK")), worker, 0)
+
+    monkeypatch.setattr(critic.CpuSample, "now", classmethod(sample))
+    model = TRPO("MlpPolicy", "Pendulum-v1", **SMALL)
+    submitted = []
+    submit = critic.BackgroundCriticFit.submit
+    monkeypatch.setattr(
+        critic.BackgroundCriticFit, "submit", lambda worker, job: submitted.append(model._n_updates + 1) or submit(worker, job)
+    )
+    model.learn(4 * SMALL["n_steps"])
+    # The first fit runs here (no rollout measured yet), the last too (no rollout follows it).
+    if spare_s_per_s >= critic.AUTO_MIN_SPARE_CPUS:
+        assert submitted == [2, 3]
+        model._critic_fit.close()
+    else:
+        assert submitted == [] and model._critic_fit.worker is None  # no worker was started
+    assert same_weights_and_optimizer_state(model, sequential_reference(4))
 
 
 def logged_value_losses(model: TRPO) -> list[float]:
@@ -473,27 +506,6 @@ def test_the_worker_runs_only_on_cpu_time_nobody_else_wants(background_model: TR
     background_model.learn(2 * SMALL["n_steps"])
     assert os.sched_getscheduler(worker_pid(background_model)) == os.SCHED_IDLE
     assert os.sched_getscheduler(0) != os.SCHED_IDLE  # the training process keeps its priority
-
-
-def test_auto_moves_the_fits_here_when_the_worker_gets_no_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    if not critic.background_pays():
-        pytest.skip("auto fits in the background only with two CPUs")
-    monkeypatch.setattr(critic, "AUTO_PATIENCE", 1)
-    monkeypatch.setattr(critic, "AUTO_PAUSE", 2)
-    slow_minibatches_in_the_worker(monkeypatch, 1.0)  # the worker waits instead of computing, as without a free core
-    model = TRPO("MlpPolicy", "Pendulum-v1", **SMALL)
-    submitted = []
-    submit = critic.BackgroundCriticFit.submit
-    monkeypatch.setattr(
-        critic.BackgroundCriticFit, "submit", lambda worker, job: submitted.append(model._n_updates + 1) or submit(worker, job)
-    )
-    model.learn(6 * SMALL["n_steps"])
-    # At the end of rollout 2 the worker had hardly run for a second: updates 2 and 3 fit here;
-    # 4 in the worker again, stopped at the end of rollout 5: 5 here; 6 is the last update, here.
-    assert submitted == [1, 4]
-    assert worker_pid(model) is not None
-    model._critic_fit.close()
-    assert same_weights_and_optimizer_state(model, sequential_reference(6))
 
 
 def test_the_worker_works_with_descriptors_numbered_above_1024() -> None:

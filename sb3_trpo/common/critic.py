@@ -266,12 +266,12 @@ _HEADER = struct.Struct("!Q")
 _POLL_S = 1.0  # how often a waiting process looks at the other one
 _STALL_POLLS = 30  # a worker without CPU time for this many polls is hung
 _STOP_TIMEOUT_S = 5.0
-# "auto" fits here for AUTO_PAUSE updates after AUTO_PATIENCE rollouts in a row at whose end the
-# fit was not done and the worker had run less than AUTO_MIN_CPU_SHARE of the rollout's time:
-# the cores are busy with other work, and the worker costs its messages for little help.
-AUTO_PATIENCE = 3
-AUTO_PAUSE = 20
-AUTO_MIN_CPU_SHARE = 0.5
+# "auto" sends a fit to the worker when the previous rollout left at least this many of the
+# process's CPUs unused by every other process (idle, or running the worker).
+AUTO_MIN_SPARE_CPUS = 0.5
+# A shorter interval between a fit and the end of the next rollout tells nothing about the CPUs
+# (SB3's rollout loop, which reads the critic at every step, collects the fit before it starts).
+_MIN_MEASURED_S = 0.05
 PR_SET_PDEATHSIG = 1
 
 
@@ -365,12 +365,11 @@ def _serve(
         except (EOFError, OSError):
             return
         reply: tuple[str, Any]
-        start_cpu = time.process_time()
         try:
             loss = fit_critic(policy, optimizer, critic_parameters, job, stop=lambda: stop_requested[0] != 0)
-            reply = ("done", (loss, time.process_time() - start_cpu))
+            reply = ("done", loss)
         except FitStopped as stopped:
-            reply = ("stopped", (th.stack(stopped.losses) if stopped.losses else None, time.process_time() - start_cpu))
+            reply = ("stopped", th.stack(stopped.losses) if stopped.losses else None)
         except Exception:  # reported to the training process, which fits in its own process instead
             reply = ("error", traceback.format_exc())
         payload = pickle.dumps(reply)
@@ -399,6 +398,50 @@ def _cpu_ticks(pid: int) -> int | None:
         return int(fields[11]) + int(fields[12])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _idle_cpu_ticks(cpus: set[int]) -> int | None:
+    """Idle time (idle and iowait) of ``cpus`` since boot in clock ticks, from ``/proc/stat``; None where it cannot tell."""
+    try:
+        with open("/proc/stat", "rb") as stat:
+            lines = stat.read().splitlines()
+        ticks = 0
+        for line in lines[1:]:
+            if not line.startswith(b"cpu"):
+                break
+            fields = line.split()
+            if int(fields[0][3:]) in cpus:
+                ticks += int(fields[4]) + int(fields[5])
+        return ticks
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass(frozen=True)
+class CpuSample:
+    """What the CPUs had done at one moment: to measure the CPU time no other process wanted between two."""
+
+    wall_s: float
+    idle_ticks: int | None
+    worker: int | None
+    worker_ticks: int | None
+
+    @classmethod
+    def now(cls, worker: int | None) -> CpuSample:
+        """The sample now, for the process's CPUs and the worker process ``worker`` (if one)."""
+        ticks = None if worker is None else _cpu_ticks(worker)
+        return cls(time.perf_counter(), _idle_cpu_ticks(os.sched_getaffinity(0)), worker, ticks)
+
+    def spare_cpus_since(self, earlier: CpuSample) -> float | None:
+        """How many CPUs were, on average since ``earlier``, idle or running the worker (which gets only CPU time
+        nobody else wants); None where it cannot tell."""
+        wall_s = self.wall_s - earlier.wall_s
+        if self.idle_ticks is None or earlier.idle_ticks is None or wall_s < _MIN_MEASURED_S:
+            return None
+        ticks = self.idle_ticks - earlier.idle_ticks
+        if self.worker is not None and self.worker == earlier.worker and None not in (self.worker_ticks, earlier.worker_ticks):
+            ticks += self.worker_ticks - earlier.worker_ticks  # type: ignore[operator]
+        return ticks / os.sysconf("SC_CLK_TCK") / wall_s
 
 
 def _stop(process: multiprocessing.process.BaseProcess, connection: socket.socket) -> None:
@@ -505,9 +548,9 @@ class BackgroundCriticFit:
         """Have the worker stop its fit before the next minibatch (:meth:`result` then gives a :class:`FitStopped`)."""
         self._stop_requested[0] = 1
 
-    def result(self) -> tuple[float | FitStopped | None, float]:
+    def result(self) -> float | FitStopped | None:
         """Wait for the worker's reply: the fit's mean loss (None when the weights became non-finite and were
-        restored) or, when it was stopped, a :class:`FitStopped`; and the worker's CPU time for it.
+        restored) or, when it was stopped, a :class:`FitStopped`.
 
         Interrupting the wait (Ctrl-C) leaves the fit running and the worker usable.
         """
@@ -523,8 +566,7 @@ class BackgroundCriticFit:
         if status == "error":
             raise WorkerLost(f"the fit raised {value.strip().splitlines()[-1]}")
         if status == "stopped":
-            losses, cpu_s = value
-            return FitStopped([] if losses is None else list(losses.unbind())), cpu_s
+            return FitStopped([] if value is None else list(value.unbind()))
         return value
 
     def close(self) -> None:
@@ -561,7 +603,7 @@ class BackgroundCriticFit:
                 raise self._lost(f"it got no CPU time for {stalled * _POLL_S:.0f} s and was killed")
 
     def _lost(self, what: str, error: OSError | None = None) -> WorkerLost:
-        self._process.join(_POLL_S)
+        self._process.join(_STOP_TIMEOUT_S)  # a lost worker is exiting, or was killed: its exit status says why
         code = self._process.exitcode
         if error is not None and code is not None:
             what = "it exited"  # a connection reset by its death (before it read what was sent)
@@ -604,7 +646,6 @@ class _RunningFit:
     job: CriticFitJob
     update: int
     before: CriticSnapshot  # the critic's state before the fit
-    submitted: float  # time.perf_counter() when the worker was sent the fit
     in_worker: bool = True
     losses: list[th.Tensor] = field(default_factory=list)  # of the minibatches fitted, once out of the worker
 
@@ -627,11 +668,11 @@ class CriticFit:
     :param policy: the policy whose critic is fitted (with its optimizer)
     :param critic_parameters: the parameters the fit moves
     :param background: fit in a forked worker process (:class:`BackgroundCriticFit`), started at the first fit
-    :param adaptive: ``background_critic_fit="auto"``: fit in this process for :data:`AUTO_PAUSE`
-        updates after :data:`AUTO_PATIENCE` rollouts in a row at whose end the worker had not
-        finished and had run less than :data:`AUTO_MIN_CPU_SHARE` of the time since it got the
-        fit (other work has the cores: sending fits to the worker costs a little and gains
-        nothing). The results are the same either way
+    :param adaptive: ``background_critic_fit="auto"``: send a fit to the worker only when the
+        previous rollout left at least :data:`AUTO_MIN_SPARE_CPUS` of the process's CPUs to
+        nobody else (idle, or running the worker), from ``/proc/stat``; the first fit, and every
+        fit while other processes keep the CPUs busy, run in this process, and the worker is
+        started only once a fit goes to it. The results are the same either way
     """
 
     def __init__(self, policy: BasePolicy, critic_parameters: list[nn.Parameter], background: bool, adaptive: bool = False):
@@ -642,8 +683,8 @@ class CriticFit:
         self._worker: BackgroundCriticFit | None = None
         self._running: _RunningFit | None = None
         self._finished: tuple[int, float | None] | None = None
-        self._without_core = 0  # rollouts in a row at whose end the worker had not had a core of its own
-        self._here_until = 0  # with adaptive, updates before this one fit here
+        self._spare_cpu = False  # with adaptive: the last rollout left a CPU to the worker
+        self._rollout_start: CpuSample | None = None
 
     @property
     def worker(self) -> BackgroundCriticFit | None:
@@ -657,26 +698,34 @@ class CriticFit:
             ``learn``: the fit then runs here)
         """
         self.collect()
-        if not (self.background and overlap) or update < self._here_until:
-            return checked_critic_loss(self._fit_here(job), update)
-        running = _RunningFit(job, update, CriticSnapshot(self.policy.optimizer, self.critic_parameters), time.perf_counter())
-        self._running = running
         try:
-            if self._worker is None:
-                self._worker = BackgroundCriticFit(self.policy, self.policy.optimizer, self.critic_parameters)
-            self._worker.submit(job)
-        except WorkerLost as error:
-            self._lose_worker(running, error)
-            return self.wait()
-        return None
+            if not (self.background and overlap and (self._spare_cpu or not self.adaptive)):
+                return checked_critic_loss(self._fit_here(job), update)
+            running = _RunningFit(job, update, CriticSnapshot(self.policy.optimizer, self.critic_parameters))
+            self._running = running
+            try:
+                if self._worker is None:
+                    self._worker = BackgroundCriticFit(self.policy, self.policy.optimizer, self.critic_parameters)
+                self._worker.submit(job)
+            except WorkerLost as error:
+                self._lose_worker(running, error)
+                return self.wait()
+            return None
+        finally:
+            if self.adaptive:
+                self._rollout_start = CpuSample.now(None if self._worker is None else self._worker.pid)
 
     def wait(self, rollout_end: bool = False) -> float | None:
         """Collect a fit running in the background; its mean loss, or None when none ran since the last wait.
 
-        :param rollout_end: this is the end of the rollout that ran alongside the fit (with
-            ``adaptive``, whether the worker had a core of its own decides where the next fits run)
+        :param rollout_end: this is the end of the rollout that followed the fit (with
+            ``adaptive``, the CPU time it left to nobody else decides where the next fit runs)
         """
-        self.collect(rollout_end)
+        if rollout_end and self.adaptive and self._rollout_start is not None:
+            spare = CpuSample.now(self._rollout_start.worker).spare_cpus_since(self._rollout_start)
+            if spare is not None:
+                self._spare_cpu = spare >= AUTO_MIN_SPARE_CPUS
+        self.collect()
         finished, self._finished = self._finished, None
         return None if finished is None else checked_critic_loss(finished[1], finished[0])
 
@@ -687,7 +736,7 @@ class CriticFit:
             self._worker.close()
             self._worker = None
 
-    def collect(self, rollout_end: bool = False) -> None:
+    def collect(self) -> None:
         """Finish a fit running in the background: take the worker's result, or stop the worker and fit the rest here.
 
         Its loss is kept for :meth:`wait`. Interrupted (Ctrl-C), the fit is left to the next call.
@@ -696,7 +745,7 @@ class CriticFit:
         if running is None:
             return
         if running.in_worker:
-            outcome = self._from_worker(running, rollout_end)
+            outcome = self._from_worker(running)
             if not isinstance(outcome, FitStopped):
                 self._running, self._finished = None, (running.update, outcome)
                 return
@@ -710,28 +759,18 @@ class CriticFit:
             raise
         self._running, self._finished = None, (running.update, loss)
 
-    def _from_worker(self, running: _RunningFit, rollout_end: bool) -> float | FitStopped | None:
+    def _from_worker(self, running: _RunningFit) -> float | FitStopped | None:
         """The worker's loss for ``running``, or what it fitted when stopped (nothing when it was lost)."""
         try:
             if self._worker is None or not self._worker.alive:
                 raise WorkerLost("its connection was cut in the middle of a message")
             if not self._worker.finished():
                 self._worker.request_stop()
-            outcome, cpu_s = self._worker.result()
+            outcome = self._worker.result()
         except WorkerLost as error:
             self._lose_worker(running, error)
             return FitStopped([])
-        if rollout_end and self.adaptive:
-            self._judge(isinstance(outcome, FitStopped), cpu_s / (time.perf_counter() - running.submitted), running.update)
         return outcome
-
-    def _judge(self, stopped: bool, cpu_share: float, update: int) -> None:
-        """Fit here for a while once the worker keeps being stopped before it could fit on a core of its own."""
-        without_core = stopped and cpu_share < AUTO_MIN_CPU_SHARE
-        self._without_core = self._without_core + 1 if without_core else 0
-        if self._without_core >= AUTO_PATIENCE:
-            self._without_core = 0
-            self._here_until = update + 1 + AUTO_PAUSE
 
     def _fit_here(
         self, job: CriticFitJob, before: CriticSnapshot | None = None, losses: list[th.Tensor] | None = None
