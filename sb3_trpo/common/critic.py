@@ -2,12 +2,14 @@
 
 TRPO fits its critic after the trust-region step, and the next rollout does not need the
 critic until its end (values are computed in one batched pass after the rollout). So the
-fit can run in a second process, on another core, while the next rollout is collected.
-:class:`CriticFit` owns that choice and the worker's whole lifecycle: the algorithm calls
-:meth:`CriticFit.run`, :meth:`CriticFit.wait` and :meth:`CriticFit.close`.
-Both paths run :func:`fit_critic`, with the same minibatch order, so they compute the same
-numbers; a worker that dies, hangs or fails is replaced by the fit in this process, from the
-state the critic had before the lost fit.
+fit can run in a second process while the next rollout is collected, on CPU time no other
+process wants (the worker runs at the lowest priority). :class:`CriticFit` owns that choice
+and the worker's whole lifecycle: the algorithm calls :meth:`CriticFit.run`,
+:meth:`CriticFit.wait` and :meth:`CriticFit.close`. Both processes run :func:`fit_critic`
+on the same weights and optimizer state, with the same minibatch order, so they compute the
+same numbers, and a fit the worker has not finished when the critic is needed is stopped
+between two minibatches and finished in this process. A worker that dies, hangs or fails
+is replaced by the fit in this process, from the state the critic had before the lost fit.
 """
 
 from __future__ import annotations

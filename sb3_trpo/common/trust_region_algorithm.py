@@ -190,16 +190,18 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         without a closed form) or ``"double_backprop"`` (Hessian-vector product of the mean
         KL, as sb3-contrib does). Both give the same product.
     :param cg_residual_tol: conjugate gradient stops once the squared residual norm is below this
-    :param background_critic_fit: fit the critic in a forked worker process, on another core,
-        while the next rollout is collected; the numbers are those of the fit in the training
-        process, and the value loss of an update is logged with the next one. ``"auto"`` (the
-        default) does so where it can run and pays: Linux, CPU, Adam/AdamW, at least two CPUs
-        in the process's affinity, and not while the worker keeps running without a core of its
-        own (busy cores: see :class:`~sb3_trpo.common.critic.CriticFit`).
-        ``True`` forces it (a ``ValueError`` where it cannot run; a model loaded where it cannot
-        run fits in the training process, with a warning), ``False`` never. The worker moves
-        the policy's weights and the critic's Adam state to shared memory and costs about 25 MB
-        of private memory.
+    :param background_critic_fit: fit the critic in a forked worker process while the next
+        rollout is collected, at the lowest CPU priority (``SCHED_IDLE``: on CPU time no other
+        process wants); a fit the worker has not finished when the rollout ends is finished in
+        the training process. The numbers are those of the fit in the training process; the
+        value loss of an update is logged with the next one. ``"auto"`` (the default) does so
+        on Linux, on the CPU, with Adam/AdamW and at least two CPUs in the process's affinity,
+        for each fit whose previous rollout left at least half a CPU idle (``/proc/stat``; see
+        :class:`~sb3_trpo.common.critic.CriticFit`): trainings that keep the CPUs busy never
+        start a worker. ``True`` always uses it (a ``ValueError`` where it cannot run; a model
+        loaded where it cannot run fits in the training process, with a warning), ``False``
+        never. The worker moves the policy's weights and the critic's Adam state to shared
+        memory and costs about 25 MB of private memory.
     :param _init_setup_model: Whether or not to build the network at the creation of the instance
     """
 
