@@ -672,9 +672,10 @@ class CriticFit:
     :param background: fit in a forked worker process (:class:`BackgroundCriticFit`), started at the first fit
     :param adaptive: ``background_critic_fit="auto"``: send a fit to the worker only when the
         previous rollout left at least :data:`AUTO_MIN_SPARE_CPUS` of the process's CPUs to
-        nobody else (idle, or running the worker), from ``/proc/stat``; the first fit, and every
-        fit while other processes keep the CPUs busy, run in this process, and the worker is
-        started only once a fit goes to it. The results are the same either way
+        nobody else (idle, or running the worker), from ``/proc/stat`` (the first rollout is
+        measured from construction); every fit while other processes keep the CPUs busy runs
+        in this process, and the worker is started only once a fit goes to it. The results
+        are the same either way
     """
 
     def __init__(self, policy: BasePolicy, critic_parameters: list[nn.Parameter], background: bool, adaptive: bool = False):
@@ -686,12 +687,17 @@ class CriticFit:
         self._running: _RunningFit | None = None
         self._finished: tuple[int, float | None] | None = None
         self._spare_cpu = False  # with adaptive: the last rollout left a CPU to the worker
-        self._rollout_start: CpuSample | None = None
+        # The first rollout is measured from the model's construction.
+        self._rollout_start = CpuSample.now(None) if self._measures_cpus else None
 
     @property
     def worker(self) -> BackgroundCriticFit | None:
         """The background worker, once started (None again once it is stopped or lost)."""
         return self._worker
+
+    @property
+    def _measures_cpus(self) -> bool:
+        return self.adaptive and self.background
 
     def run(self, job: CriticFitJob, update: int, overlap: bool = True) -> float | None:
         """Fit the critic of ``update`` on ``job``; the mean loss, or None when the fit runs in the background.
@@ -714,7 +720,7 @@ class CriticFit:
                 return self.wait()
             return None
         finally:
-            if self.adaptive:
+            if self._measures_cpus:
                 self._rollout_start = CpuSample.now(None if self._worker is None else self._worker.pid)
 
     def wait(self, rollout_end: bool = False) -> float | None:
@@ -723,7 +729,7 @@ class CriticFit:
         :param rollout_end: this is the end of the rollout that followed the fit (with
             ``adaptive``, the CPU time it left to nobody else decides where the next fit runs)
         """
-        if rollout_end and self.adaptive and self._rollout_start is not None:
+        if rollout_end and self._measures_cpus and self._rollout_start is not None:
             spare = CpuSample.now(self._rollout_start.worker).spare_cpus_since(self._rollout_start)
             if spare is not None:
                 self._spare_cpu = spare >= AUTO_MIN_SPARE_CPUS
