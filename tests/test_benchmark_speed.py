@@ -87,3 +87,18 @@ def test_worker_memory_counts_only_its_private_pages() -> None:
     del shared  # held, resident, until both children were measured
     assert sizes[0] < 32, "the 64 MB shared with the parent must not count"
     assert 64 <= sizes[64] < 64 + 32
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [([], "auto"), (["--background-critic"], "true"), (["--background-critic", "false"], "false")],
+)
+def test_background_critic_option_reaches_the_run(
+    options: list[str], expected: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The bare flag of earlier commands (BENCHMARKS.md) still means ``background_critic_fit=True``."""
+    seen: list[str] = []
+    monkeypatch.setattr(speed, "run", lambda *args: seen.append(args[-1]))
+    assert main(["--envs", "Env-v0", *options]) == 0
+    assert seen == [expected]
+    assert f"background_critic_fit={expected} " in capsys.readouterr().out

@@ -172,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--background-critic",
         choices=list(BACKGROUND_SETTINGS),
+        nargs="?",
+        const="true",
         default="auto",
-        help="sb3_trpo's background_critic_fit (same numbers; default: auto, the package's default)",
+        help="sb3_trpo's background_critic_fit (same numbers; default: auto, the package's default; "
+        "the bare flag, as in earlier commands: true)",
     )
     parser.add_argument("--worker", nargs=4, metavar=("IMPL", "ENV", "STEPS", "SEED"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
