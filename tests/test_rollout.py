@@ -480,6 +480,8 @@ def test_gaussian_mlp_sampler_draws_the_bits_policy_forward_draws(name: str, n_o
         with th.no_grad():
             policy.log_std.normal_()  # type: ignore[operator]
         observations = generator.normal(size=(n_observations, 17)) * generator.uniform(0.01, 100.0)
+        if trial % 2:  # the same shape in another memory layout, after the contiguous one
+            observations = np.asfortranarray(observations)
         expected = _forward_actions(policy, observations, trial)
         actions = _sampled(policy, observations, trial)
         assert actions.shape == (n_observations, *action_shape)

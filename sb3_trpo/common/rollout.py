@@ -268,7 +268,7 @@ def gaussian_mlp_sampler(policy: ActorCriticPolicy) -> ActionSampler | None:
             latent = flatten.forward(th.as_tensor(observations).float())
             previous_threads = None
             if set_mkl_threads is not None and th.get_num_threads() > 1:
-                layout = (th.get_num_threads(), latent.shape, *_layouts(weights))
+                layout = (th.get_num_threads(), latent.shape, latent.stride(), *_layouts(weights))
                 if layout not in one_thread:
                     one_thread[layout] = one_thread_gives_the_same_bits(modules, latent, set_mkl_threads)
                 if one_thread[layout]:
