@@ -209,14 +209,7 @@ def action_sampler(policy: ActorCriticPolicy) -> ActionSampler:
     if sampler is not None:
         return sampler
     shape = (-1, *policy.action_space.shape)  # type: ignore[misc]
-
-    def sample(observations: Observations) -> np.ndarray:
-        with th.no_grad():
-            distribution = policy.get_distribution(obs_as_tensor(observations, policy.device))
-            actions = distribution.get_actions().reshape(shape)
-        return actions.cpu().numpy()
-
-    return sample
+    return functools.partial(_sb3_actions, policy, shape=shape)
 
 
 def gaussian_mlp_sampler(policy: ActorCriticPolicy) -> ActionSampler | None:
@@ -267,8 +260,9 @@ def gaussian_mlp_sampler(policy: ActorCriticPolicy) -> ActionSampler | None:
         with th.inference_mode():
             latent = flatten.forward(th.as_tensor(observations).float())
             previous_threads = None
-            if set_mkl_threads is not None and th.get_num_threads() > 1:
-                layout = (th.get_num_threads(), latent.shape, latent.stride(), *_layouts(weights))
+            threads = th.get_num_threads()
+            if set_mkl_threads is not None and threads > 1:
+                layout = (threads, latent.shape, latent.stride(), *_layouts(weights))
                 if layout not in one_thread:
                     one_thread[layout] = one_thread_gives_the_same_bits(modules, latent, set_mkl_threads)
                 if one_thread[layout]:
@@ -295,7 +289,7 @@ def _sb3_actions(policy: ActorCriticPolicy, observations: Observations, shape: t
     """SB3's own ``get_distribution(obs).get_actions()``, which draws or raises as SB3 does."""
     with th.no_grad():
         actions = policy.get_distribution(obs_as_tensor(observations, policy.device)).get_actions()
-    return actions.numpy().reshape(shape)
+    return actions.cpu().numpy().reshape(shape)
 
 
 def _linear(parameters: dict[str, nn.Parameter | None]) -> Callable[[th.Tensor], th.Tensor]:
