@@ -84,10 +84,14 @@ def test_campaign_writes_run_files_and_resumes_without_retraining(tmp_path: Path
     assert _mtimes(results) == before
     assert capsys.readouterr().err.count("(updates not recorded)") == 4
 
-    # The same config read from another path is the same setting; a changed entry value is not.
+    # The same config read from another path, or the same values under another entry name (an
+    # older version of the task), is the same setting; a changed entry value is not.
     moved = tmp_path / "elsewhere" / "trpo.yml"
     moved.parent.mkdir()
     moved.write_text(CONFIG)
+    assert returns.main(_campaign(moved, results)) == 0
+    assert capsys.readouterr().err == ""
+    moved.write_text(CONFIG.replace("CartPole-v1:", "CartPole-v0:"))
     assert returns.main(_campaign(moved, results)) == 0
     assert capsys.readouterr().err == ""
     moved.write_text(CONFIG.replace("n_critic_updates: 2", "n_critic_updates: 3"))
@@ -348,16 +352,23 @@ def test_targets_table_compares_common_seeds_at_the_budget() -> None:
         run("sb3_contrib", 0, 2000.0, best=2500.0),
         run("sb3_contrib", 1, 3000.0),
         run("sb3_contrib", 3, 0.0, steps=300_000),
+        {**run("sb3_trpo", 0, 4600.0, best=5000.0), "env_id": "Walker2d-v5"},
+        {**run("sb3_contrib", 0, 4000.0), "env_id": "Walker2d-v5"},
     ]
     rows = report.targets_table(report.group(records)).splitlines()
     assert len(rows) == 2 + len(report.TARGETS)
     # Resampled means: 3400 +- 400 or 3400, against 2500 +- 500 or 2500; their differences span [+0, +1800].
     # final/best over seeds 0-1: 2500 / 2750 (sb3-contrib), 3400 / 3900 (sb3_trpo).
     assert (
-        "| Hopper-v5 | 1M | 0, 1 | 2500.0 ± 500.0 | 3400.0 ± 400.0 | yes | +900.0 [+0.0, +1800.0] | 3600 | no "
-        "| 90.9% | 87.2% |"
+        "| Hopper-v5 | 1M | 0, 1 | 2500.0 ± 500.0 | 3400.0 ± 400.0 | yes | +900.0 [+0.0, +1800.0] | 3700 | no "
+        "| 90.9% | 87.2% | no |"
     ) in rows
-    assert "| Humanoid-v5 | 2M | none | not run | not run | | | 1000 | | | |" in rows
+    # 4600 / 5000 is stable (at least 90%).
+    assert (
+        "| Walker2d-v5 | 1M | 0 | 4000.0 ± 0.0 | 4600.0 ± 0.0 | yes | +600.0 [+600.0, +600.0] | 5000 | no "
+        "| 100.0% | 92.0% | yes |"
+    ) in rows
+    assert "| Humanoid-v5 | 2M | none | not run | not run | | | 3000 | | | | |" in rows
 
 
 def test_difference_interval_matches_the_normal_interval_on_large_samples() -> None:

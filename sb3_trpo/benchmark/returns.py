@@ -358,8 +358,10 @@ def is_complete(path: Path) -> bool:
 def settings_difference(path: Path, spec: RunSpec) -> str:
     """What the settings of the complete run file ``path`` and ``spec`` disagree on ('' when nothing).
 
-    The config is compared by the entry it gives for the environment, not by its path: the
-    same file read from another checkout is the same setting.
+    The config is compared by the hyperparameters of the entry it gives for the environment,
+    not by its path or the entry's name: the same file read from another checkout, or the same
+    values under another name (rl-zoo3's ``Hopper-v4`` entry, the package's ``Hopper-v5``), are
+    the same setting.
     """
     record = json.loads(path.read_text())
     ran = {
@@ -375,17 +377,14 @@ def settings_difference(path: Path, spec: RunSpec) -> str:
     ]
     if spec.record_updates and "updates" not in record:
         differences.append("updates not recorded")
-    entry, hyperparams = load_hyperparams(spec.config, spec.env_id)
-    ran_entry, ran_hyperparams = record["config"]["entry"], record["config"]["hyperparams"]
-    if entry != ran_entry:
-        differences.append(f"config entry {ran_entry} instead of {entry} of {spec.config}")
-    else:
-        changed = sorted(set(hyperparams) | set(ran_hyperparams), key=str)
-        differences += [
-            f"{name} {ran_hyperparams.get(name, 'unset')} instead of {hyperparams.get(name, 'unset')} in {spec.config}"
-            for name in changed
-            if ran_hyperparams.get(name) != hyperparams.get(name)
-        ]
+    _, hyperparams = load_hyperparams(spec.config, spec.env_id)
+    ran_hyperparams = record["config"]["hyperparams"]
+    changed = sorted(set(hyperparams) | set(ran_hyperparams), key=str)
+    differences += [
+        f"{name} {ran_hyperparams.get(name, 'unset')} instead of {hyperparams.get(name, 'unset')} in {spec.config}"
+        for name in changed
+        if ran_hyperparams.get(name) != hyperparams.get(name)
+    ]
     return ", ".join(differences)
 
 
