@@ -97,6 +97,12 @@ def background_model() -> Iterator[TRPO]:
     model._critic_fit.close()
 
 
+def _default_sigint() -> None:
+    # As a terminal starts a program: a test run started with "&" by a script ignores SIGINT,
+    # which the child would inherit, and Python then installs no KeyboardInterrupt handler.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_child(code: str) -> subprocess.Popen:
     """Start :data:`CHILD_PRELUDE` and ``code`` in a Python process of its own process group, its output piped."""
     return subprocess.Popen(
@@ -105,6 +111,7 @@ def run_child(code: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=_default_sigint,
     )
 
 
