@@ -78,7 +78,7 @@ class NPG(TrustRegionAlgorithm):
         start a worker. ``True`` always uses it (a ``ValueError`` where it cannot run; a model
         loaded where it cannot run fits in the training process, with a warning), ``False``
         never. The worker moves the policy's weights and the critic's Adam state to shared
-        memory and costs about 25 MB of private memory.
+        memory; its own memory cost is given in :ref:`background-critic-fit`.
     :param _init_setup_model: Whether or not to build the network at the creation of the instance
     """
 
