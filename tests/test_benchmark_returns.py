@@ -97,6 +97,13 @@ def test_campaign_writes_run_files_and_resumes_without_retraining(tmp_path: Path
     moved.write_text(CONFIG.replace("n_critic_updates: 2", "n_critic_updates: 3"))
     assert returns.main(_campaign(moved, results)) == 0
     assert capsys.readouterr().err.count(f"n_critic_updates 2 instead of 3 in {moved}") == 4
+    # An argument left unset has the algorithm's default: writing the default out changes nothing.
+    moved.write_text(CONFIG + "  target_kl: 0.01\n")
+    assert returns.main(_campaign(moved, results)) == 0
+    assert capsys.readouterr().err == ""
+    moved.write_text(CONFIG + "  target_kl: 0.02\n")
+    assert returns.main(_campaign(moved, results)) == 0
+    assert capsys.readouterr().err.count(f"target_kl 0.01 instead of 0.02 in {moved}") == 4
     assert _mtimes(results) == before
 
     # A run whose file is missing is trained again, in this process; the others are not touched.

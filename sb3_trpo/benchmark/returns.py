@@ -361,7 +361,8 @@ def settings_difference(path: Path, spec: RunSpec) -> str:
     The config is compared by the hyperparameters of the entry it gives for the environment,
     not by its path or the entry's name: the same file read from another checkout, or the same
     values under another name (rl-zoo3's ``Hopper-v4`` entry, the package's ``Hopper-v5``), are
-    the same setting.
+    the same setting. An argument one side leaves unset has the run's algorithm's default
+    (``target_kl: 0.01`` written out is TRPO's default, the same setting as no ``target_kl``).
     """
     record = json.loads(path.read_text())
     ran = {
@@ -379,6 +380,12 @@ def settings_difference(path: Path, spec: RunSpec) -> str:
         differences.append("updates not recorded")
     _, hyperparams = load_hyperparams(spec.config, spec.env_id)
     ran_hyperparams = record["config"]["hyperparams"]
+    defaults = {
+        name: parameter.default
+        for name, parameter in inspect.signature(algorithm_class(spec.impl).__init__).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+    ran_hyperparams, hyperparams = {**defaults, **ran_hyperparams}, {**defaults, **hyperparams}
     changed = sorted(set(hyperparams) | set(ran_hyperparams), key=str)
     differences += [
         f"{name} {ran_hyperparams.get(name, 'unset')} instead of {hyperparams.get(name, 'unset')} in {spec.config}"
