@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +147,39 @@ def test_a_dead_worker_process_fails_only_its_run_which_the_next_invocation_runs
     assert "done: 1, trained: 1, locked: 0, failed: 0" in capsys.readouterr().out
     assert returns.is_complete(results / f"{dead}.json")
     assert sorted(path.name for path in results.iterdir()) == [f"{dead}.json", f"{alive}.json"]
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+def test_a_killed_campaign_takes_its_training_worker_with_it(tmp_path: Path, signal_name: str) -> None:
+    config, results = tmp_path / "trpo.yml", tmp_path / "results"
+    config.write_text(CONFIG)
+    campaign = [
+        sys.executable, "-m", "sb3_trpo.benchmark", "returns", "--envs", "CartPole-v1", "--seeds", "0",
+        "--impl", "sb3_trpo", "--timesteps", "10000000", "--config", str(config), "--results-dir", str(results),
+    ]  # fmt: skip
+    runner = subprocess.Popen(campaign, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    lock = results / "CartPole-v1__sb3_trpo__seed0.json.lock"
+    try:
+        deadline = time.monotonic() + 120
+        while not (lock.exists() and lock.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        worker = json.loads(lock.read_text())["pid"]  # the run's lock names the process training it
+        assert worker != runner.pid and Path(f"/proc/{worker}").exists()
+    finally:
+        runner.send_signal(getattr(signal, signal_name))
+        runner.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(worker)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.mark.parametrize("impl", ["sb3_trpo", "sb3_contrib"])

@@ -45,6 +45,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Sequence
@@ -60,6 +61,7 @@ import yaml
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
 
+from sb3_trpo.common.critic import exit_with_parent
 from sb3_trpo.hyperparams import target_kl_schedule
 
 IMPLEMENTATIONS = {"sb3_trpo": "sb3_trpo:TRPO", "sb3_contrib": "sb3_contrib:TRPO"}
@@ -471,8 +473,15 @@ def execute(spec: RunSpec, results_dir: Path) -> str:
         lock.unlink(missing_ok=True)
 
 
-def _execute_in_worker(spec: RunSpec, results_dir: str, sender: connection.Connection) -> None:
-    """A campaign's worker process: one thread, one run; sends back what happened."""
+def _execute_in_worker(
+    spec: RunSpec, results_dir: str, sender: connection.Connection, parent_pid: int, started_by_main_thread: bool
+) -> None:
+    """A campaign's worker process: one thread, one run; sends back what happened.
+
+    It dies with the campaign's process, even when that is killed (SIGTERM, SIGKILL), which
+    runs no ``finally``: a run is never left training unattended.
+    """
+    exit_with_parent(parent_pid, started_by_main_thread)
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["MKL_NUM_THREADS"] = "1"
     import torch
@@ -522,7 +531,11 @@ def run_campaign(specs: Sequence[RunSpec], results_dir: Path, jobs: int) -> dict
             while waiting and len(running) < jobs:
                 spec = waiting.popleft()
                 receiver, sender = context.Pipe(duplex=False)
-                process = context.Process(target=_execute_in_worker, args=(spec, str(results_dir), sender), name=spec.name)
+                process = context.Process(
+                    target=_execute_in_worker,
+                    args=(spec, str(results_dir), sender, os.getpid(), threading.current_thread() is threading.main_thread()),
+                    name=spec.name,
+                )
                 process.start()
                 sender.close()  # the child's copy stays open: EOF on the receiver means the child is gone
                 running[process.sentinel] = (spec, process, receiver)

@@ -296,8 +296,8 @@ def _receive_blocking(connection: socket.socket) -> Any:
     return pickle.loads(read(size))
 
 
-def _exit_with_parent(parent_pid: int, forked_by_main_thread: bool) -> None:
-    """Have the kernel kill this process when the training process dies, however it dies."""
+def exit_with_parent(parent_pid: int, forked_by_main_thread: bool) -> None:
+    """Have the kernel kill this process when its parent (the process that started it) dies, however it dies."""
     # The kernel's "parent" is the forking thread: only the main thread lives as long as the
     # process. (Otherwise the worker's own polling notices the parent's death.)
     if sys.platform.startswith("linux") and forked_by_main_thread:
@@ -350,7 +350,7 @@ def _serve(
 ) -> None:
     # Ctrl-C goes to the whole process group; the training process decides what it means.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _exit_with_parent(parent_pid, forked_by_main_thread)
+    exit_with_parent(parent_pid, forked_by_main_thread)
     _close_inherited_descriptors({connection.fileno()})
     # A busy machine gives the worker no time: the training process then takes its fit over
     # at the end of the rollout instead of waiting, and the worker took no time from anyone.
