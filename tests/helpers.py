@@ -1,7 +1,9 @@
-"""Small policies, models and settings shared by the tests, and references independent of the package (dense algebra, KL)."""
+"""Small policies, models and settings shared by the tests, references independent of the package (dense algebra,
+KL), and process checks."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -252,3 +254,17 @@ def record_updates(model: NPG, dense_fisher: bool = False) -> list[RecordedUpdat
 
     model._policy_step = recorded  # type: ignore[method-assign]
     return updates
+
+
+def exited(pid: int, timeout: float = 30.0) -> bool:
+    """Whether process ``pid`` is gone (or a zombie) within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                if stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False

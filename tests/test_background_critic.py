@@ -32,6 +32,7 @@ import sb3_trpo.common.critic as critic
 import sb3_trpo.common.rollout as rollout
 from sb3_trpo import TRPO, MaskableTRPO, NonFiniteError, RecurrentTRPO
 from sb3_trpo.common.critic import CriticSnapshot, background_unavailable, regress
+from tests.helpers import exited
 
 SMALL = dict(n_steps=64, batch_size=8, n_critic_updates=30, seed=0, policy_kwargs=dict(net_arch=[16]))
 CHILD_TIMEOUT_S = 120
@@ -40,20 +41,6 @@ CHILD_TIMEOUT_S = 120
 def worker_pid(model: TRPO) -> int | None:
     worker = model._critic_fit.worker
     return None if worker is None else worker.pid
-
-
-def exited(pid: int, timeout: float = 30.0) -> bool:
-    """Whether process ``pid`` is gone (or a zombie) within ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                if stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def same_weights_and_optimizer_state(a: TRPO, b: TRPO) -> bool:

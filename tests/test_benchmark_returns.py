@@ -17,6 +17,7 @@ import pytest
 from matplotlib import image
 
 from sb3_trpo.benchmark import report, returns
+from tests.helpers import exited
 
 CONFIG = """\
 CartPole-v1:
@@ -168,18 +169,7 @@ def test_a_killed_campaign_takes_its_training_worker_with_it(tmp_path: Path, sig
     finally:
         runner.send_signal(getattr(signal, signal_name))
         runner.wait(timeout=30)
-    deadline = time.monotonic() + 10
-    while _alive(worker) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not _alive(worker)
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie waiting for its reaper does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    assert exited(worker, timeout=10)
 
 
 @pytest.mark.parametrize("impl", ["sb3_trpo", "sb3_contrib"])
