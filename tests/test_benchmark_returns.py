@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import socket
 import subprocess
@@ -150,7 +151,7 @@ def test_a_dead_worker_process_fails_only_its_run_which_the_next_invocation_runs
     assert sorted(path.name for path in results.iterdir()) == [f"{dead}.json", f"{alive}.json"]
 
 
-@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM", "Ctrl-C"])
 def test_a_killed_campaign_takes_its_training_worker_with_it(tmp_path: Path, signal_name: str) -> None:
     config, results = tmp_path / "trpo.yml", tmp_path / "results"
     config.write_text(CONFIG)
@@ -158,7 +159,14 @@ def test_a_killed_campaign_takes_its_training_worker_with_it(tmp_path: Path, sig
         sys.executable, "-m", "sb3_trpo.benchmark", "returns", "--envs", "CartPole-v1", "--seeds", "0",
         "--impl", "sb3_trpo", "--timesteps", "10000000", "--config", str(config), "--results-dir", str(results),
     ]  # fmt: skip
-    runner = subprocess.Popen(campaign, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Its own process group, with SIGINT's default disposition, as a terminal starts it.
+    runner = subprocess.Popen(
+        campaign,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     lock = results / "CartPole-v1__sb3_trpo__seed0.json.lock"
     try:
         deadline = time.monotonic() + 120
@@ -167,7 +175,10 @@ def test_a_killed_campaign_takes_its_training_worker_with_it(tmp_path: Path, sig
         worker = json.loads(lock.read_text())["pid"]  # the run's lock names the process training it
         assert worker != runner.pid and Path(f"/proc/{worker}").exists()
     finally:
-        runner.send_signal(getattr(signal, signal_name))
+        if signal_name == "Ctrl-C":  # a terminal sends it to the whole process group
+            os.killpg(runner.pid, signal.SIGINT)
+        else:
+            runner.send_signal(getattr(signal, signal_name))
         runner.wait(timeout=30)
     assert exited(worker, timeout=10)
 
