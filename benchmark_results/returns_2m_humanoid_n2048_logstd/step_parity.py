@@ -25,6 +25,7 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_trpo import TRPO
+from sb3_trpo.common.policies import split_actor_critic
 
 SETTINGS = dict(
     n_steps=2048,
@@ -96,7 +97,8 @@ def check(directory: str, mark: str) -> None:
         return change, dict(built.logger.name_to_value)
 
     reference, logged = update(sb3_contrib.TRPO)
-    actor = th.cat([th.full((p.numel(),), "value" not in name) for name, p in saved.policy.named_parameters()])
+    actor_parameters, _ = split_actor_critic(saved.policy)
+    actor = th.cat([th.full((p.numel(),), any(p is a for a in actor_parameters)) for p in saved.policy.parameters()])
 
     def relative_error(change: th.Tensor, part: th.Tensor) -> float:
         return float((change[part] - reference[part]).norm() / reference[part].norm())
