@@ -11,7 +11,7 @@ from sb3_trpo.benchmark import speed
 from sb3_trpo.benchmark.speed import _private_kb, main, run
 
 RUN_LINE = re.compile(
-    r"^run (?P<env>\S+) (?P<impl>\S+) rep=(?P<rep>\d+) steps_per_s=(?P<sps>\d+) peak_rss_mb=(?P<rss>\d+) "
+    r"^run (?P<scenario>\S+) (?P<env>\S+) (?P<impl>\S+) rep=(?P<rep>\d+) steps_per_s=(?P<sps>\d+) peak_rss_mb=(?P<rss>\d+) "
     r"rollout_s=(?P<rollout>[\d.]+) policy_step_s=(?P<policy>[\d.]+) critic_s=(?P<critic>[\d.]+|nan) "
     r"total_s=(?P<total>[\d.]+)$"
 )
@@ -32,7 +32,8 @@ def test_speed_benchmark_prints_a_line_per_run_and_a_summary_of_them() -> None:
         assert int(match["rss"]) > 100
         # One repetition: the summary's speed is the measured one (printed rounded to 1 step/s).
         assert summary[match["impl"]] == pytest.approx(float(match["sps"]), abs=0.5)
-    assert lines[-1].startswith(f"summary Pendulum-v1 sb3_trpo={summary['sb3_trpo']:.0f} sb3_contrib=")
+    assert {m["scenario"] for m in runs if m} == {"default"}
+    assert lines[-1].startswith(f"summary default Pendulum-v1 sb3_trpo={summary['sb3_trpo']:.0f} sb3_contrib=")
 
 
 def test_summary_is_the_median_speed_and_the_median_of_the_per_repetition_ratios(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,7 +41,7 @@ def test_summary_is_the_median_speed_and_the_median_of_the_per_repetition_ratios
     speeds = {"sb3_trpo": [100.0, 300.0, 240.0], "sb3_contrib": [50.0, 200.0, 80.0]}
     calls: list[str] = []
 
-    def worker(impl: str, env_id: str, steps: int, seed: int, background_critic: bool) -> dict[str, float]:
+    def worker(impl: str, env_id: str, steps: int, seed: int, background_critic: str, scenario: str) -> dict[str, float]:
         repetition = calls.count(impl)
         calls.append(impl)
         timings = dict(rollout_s=1.0, policy_step_s=1.0, critic_s=1.0, total_s=3.0)
@@ -53,7 +54,8 @@ def test_summary_is_the_median_speed_and_the_median_of_the_per_repetition_ratios
     assert calls == ["sb3_trpo", "sb3_contrib", "sb3_contrib", "sb3_trpo", "sb3_trpo", "sb3_contrib"]
     assert (summary["sb3_trpo"], summary["sb3_contrib"], summary["ratio"]) == (240.0, 80.0, 2.0)
     assert summary["peak_rss_mb"] == {"sb3_trpo": 120.0, "sb3_contrib": 120.0}
-    assert lines[-1] == "summary Env-v0 sb3_trpo=240 sb3_contrib=80 ratio=2.00 peak_rss_mb sb3_trpo=120 sb3_contrib=120"
+    expected = "summary default Env-v0 sb3_trpo=240 sb3_contrib=80 ratio=2.00 peak_rss_mb sb3_trpo=120 sb3_contrib=120"
+    assert lines[-1] == expected
 
 
 def test_speed_benchmark_rejects_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
@@ -98,7 +100,47 @@ def test_background_critic_option_reaches_the_run(
 ) -> None:
     """The bare flag of earlier commands (BENCHMARKS.md) still means ``background_critic_fit=True``."""
     seen: list[str] = []
-    monkeypatch.setattr(speed, "run", lambda *args: seen.append(args[-1]))
+    monkeypatch.setattr(speed, "run", lambda *args, **kwargs: seen.append(args[-1]))
     assert main(["--envs", "Env-v0", *options]) == 0
     assert seen == [expected]
     assert f"background_critic_fit={expected} " in capsys.readouterr().out
+
+
+def test_scenarios_run_in_order_with_their_own_environments_and_steps(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    calls: list[tuple[str, str, int]] = []
+
+    def worker(impl: str, env_id: str, steps: int, seed: int, background_critic: str, scenario: str) -> dict[str, float]:
+        calls.append((scenario, env_id, steps))
+        return dict(steps_per_s=1.0, peak_rss_mb=1.0, rollout_s=0.0, policy_step_s=0.0, critic_s=0.0, total_s=1.0)
+
+    monkeypatch.setattr(speed, "_run_worker", worker)
+    assert main(["--scenarios", "callback", "scale", "--repetitions", "1"]) == 0
+    expected = [("callback", env, 20_480) for env in ("HalfCheetah-v5", "Hopper-v5")] + [("scale", "Humanoid-v5", 32_768)]
+    assert calls[::2] == expected and calls[1::2] == expected
+    out = capsys.readouterr().out
+    assert "# scenario scale: n_envs=8 policy_kwargs={'net_arch': {'pi': [256, 256], 'vf': [256, 256]}}" in out
+    assert "summary callback Hopper-v5 " in out and "summary scale Humanoid-v5 " in out
+    calls.clear()
+    assert main(["--scenarios", "scale", "--envs", "Env-v0", "--steps", "64", "--repetitions", "1"]) == 0
+    assert calls == [("scale", "Env-v0", 64)] * 2
+
+
+@pytest.mark.parametrize("impl", ["sb3_trpo", "sb3_contrib"])
+def test_callback_scenario_trains_with_the_users_callback(impl: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The user's callback sees each finished episode's return (a Pendulum-v1 episode is 200 steps, 2 environments)."""
+    returns: list[float] = []
+    scenario = speed.Scenario(envs=("Pendulum-v1",), n_envs=2, steps=0, user_callback=True)
+    monkeypatch.setitem(speed.SCENARIOS, "callback", scenario)
+    original = speed.EpisodeReturnLogger._on_step
+
+    def on_step(self: speed.EpisodeReturnLogger) -> bool:
+        returns.extend(info["episode"]["r"] for info in self.locals["infos"] if "episode" in info)
+        return original(self)
+
+    monkeypatch.setattr(speed.EpisodeReturnLogger, "_on_step", on_step)
+    monkeypatch.setitem(speed.SETTINGS, "n_steps", 200)
+    result = speed.measure(impl, "Pendulum-v1", 800, seed=0, background_critic="false", scenario="callback")
+    assert result["steps_per_s"] > 0
+    assert len(returns) == 4 and all(r < 0 for r in returns)
