@@ -457,7 +457,7 @@ POLICIES = {
 
 @pytest.fixture
 def two_threads() -> Iterator[None]:
-    """Torch on two threads, where MKL splits some products among threads (7 rows on this machine)."""
+    """Torch on two threads, where MKL splits some products among threads."""
     threads = th.get_num_threads()
     th.set_num_threads(2)
     yield

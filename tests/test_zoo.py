@@ -115,10 +115,33 @@ def test_package_config_has_a_sourced_entry_for_every_listed_env() -> None:
     lines = text.splitlines()
     for env_id in LISTED_ENVS:
         (index,) = [i for i, line in enumerate(lines) if line.startswith(f"{env_id}:")]
-        assert lines[index - 1].startswith("#"), f"{env_id} has no comment saying where its values come from"
-        assert "rl-zoo3" in lines[index - 1] or "rl-zoo3" in lines[index - 2]
+        comment = lines[index - 1]
+        assert comment.startswith("#"), f"{env_id} has no comment saying where its values come from"
+        assert "rl-zoo3" in comment, f"{env_id}'s comment does not name the rl-zoo3 entry it starts from"
+        if comment.startswith("# Tuned by us"):
+            assert "tuning README" in comment and "BENCHMARKS.md" in comment, f"{env_id} does not point to its results"
     # The top-level zoo_configs folder of a checkout is the package's.
     assert (REPO / "zoo_configs" / "trpo.yml").read_text() == text
+
+
+# A measured figure: a mean +- spread, a percentage, or a number of three digits or more (returns,
+# steps per second); config values quoted in prose (1e6, 0.01, v5) do not match.
+MEASURED_FIGURE = re.compile(r"\+-|±|%|(?<![\w.])(?:\d{1,3}(?:,\d{3})+|\d{3,})(?:\.\d+)?(?![\w.])|\d\.\d+x\b")
+
+
+@pytest.mark.parametrize("config", sorted(path.name for path in CONFIG_DIR.glob("*.yml")))
+def test_package_configs_quote_no_measured_figures(config: str) -> None:
+    """Figures live in BENCHMARKS.md and the tuning README, where they are regenerated; a config only points there."""
+    comments = [line for line in (CONFIG_DIR / config).read_text().splitlines() if line.lstrip().startswith("#")]
+    assert comments
+    assert [line for line in comments if MEASURED_FIGURE.search(line)] == []
+
+
+def test_measured_figure_pattern_finds_the_figures_configs_used_to_quote() -> None:
+    for quoted in ("sb3_trpo 6849 +- 689", "final over best 94%", "rl-zoo3's entry: 839 and 597", "4,096 samples", "2.06x"):
+        assert MEASURED_FIGURE.search(quoted), quoted
+    for allowed in ("rl-zoo3 2.9.2's hyperparams", "1e6-step budget", "target_kl 0.03", "Walker2d-v5", "dim=20, n=10"):
+        assert not MEASURED_FIGURE.search(allowed), allowed
 
 
 @pytest.mark.parametrize("env_id", LISTED_ENVS)
