@@ -1,5 +1,5 @@
 """Small policies, models and settings shared by the tests, references independent of the package (dense algebra,
-KL), and process checks."""
+KL), what a run logs and does update by update, and process checks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ import gymnasium as gym
 import numpy as np
 import torch as th
 from gymnasium import spaces
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import FlattenExtractor
 from torch import nn
@@ -151,10 +153,21 @@ def dense_hessian(policy: nn.Module, parameters: list[nn.Parameter], scalar: Cal
     names = [name for name, p in policy.named_parameters() if any(p is q for q in parameters)]
     flat = th.cat([p.detach().reshape(-1) for p in parameters])
 
-    def of_vector(vector: th.Tensor) -> th.Tensor:
-        values = dict(zip(names, unflatten(vector, parameters), strict=True))
-        with th.nn.utils.stateless._reparametrize_module(policy, values):
+    class Scalar(nn.Module):
+        """``scalar()`` as a module's forward, so that ``functional_call`` can swap the policy's parameters under it."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.policy = policy
+
+        def forward(self) -> th.Tensor:
             return scalar()
+
+    def of_vector(vector: th.Tensor) -> th.Tensor:
+        values = {f"policy.{name}": value for name, value in zip(names, unflatten(vector, parameters), strict=True)}
+        # Untied: where actor and critic share the features extractor, one module sits under several names, and
+        # functional_call's weight tying would restore it to the swapped-in tensors.
+        return th.func.functional_call(Scalar(), values, (), tie_weights=False)
 
     return th.autograd.functional.hessian(of_vector, flat)
 
@@ -254,6 +267,57 @@ def record_updates(model: NPG, dense_fisher: bool = False) -> list[RecordedUpdat
 
     model._policy_step = recorded  # type: ignore[method-assign]
     return updates
+
+
+class RecordingLogger(Logger):
+    """A logger that writes nowhere and keeps what the model logs: every recorded value, and each update's values."""
+
+    def __init__(self) -> None:
+        super().__init__(folder=None, output_formats=[])
+        self.recorded: list[tuple[str, Any]] = []
+        self.dumped: list[dict[str, Any]] = []
+
+    def record(self, key: str, value: Any, exclude: str | tuple[str, ...] | None = None) -> None:
+        self.recorded.append((key, value))
+        super().record(key, value, exclude)
+
+    def dump(self, step: int = 0) -> None:
+        if any(key.startswith("train/") for key in self.name_to_value):
+            self.dumped.append(dict(self.name_to_value))
+        super().dump(step)
+
+    @property
+    def latest(self) -> dict[str, Any]:
+        """The values of the latest update, not yet dumped (SB3 dumps them at the start of the next iteration)."""
+        return self.name_to_value
+
+    @property
+    def updates(self) -> list[dict[str, Any]]:
+        """Each update's values, in order: those dumped, then the last update's, which ``learn()`` never dumps."""
+        pending = [dict(self.latest)] if any(key.startswith("train/") for key in self.latest) else []
+        return [*self.dumped, *pending]
+
+    def values(self, key: str) -> list[Any]:
+        """Every value recorded under ``key``, in order (two in one update included)."""
+        return [value for recorded_key, value in self.recorded if recorded_key == key]
+
+
+def recording_logger(model: BaseAlgorithm) -> RecordingLogger:
+    """Give ``model`` a :class:`RecordingLogger` and return it."""
+    logger = RecordingLogger()
+    model.set_logger(logger)
+    return logger
+
+
+def learn_recording(
+    model: Model, total_timesteps: int, dense_fisher: bool = False
+) -> tuple[list[RecordedUpdate], list[dict[str, Any]]]:
+    """Train ``model``: each policy update measured from outside the package (:func:`record_updates`), and each
+    update's logged values (:attr:`RecordingLogger.updates`)."""
+    updates = record_updates(model, dense_fisher)
+    logger = recording_logger(model)
+    model.learn(total_timesteps)
+    return updates, logger.updates
 
 
 def exited(pid: int, timeout: float = 30.0) -> bool:

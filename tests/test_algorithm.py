@@ -20,7 +20,6 @@ from stable_baselines3.common.envs import (
     IdentityEnvMultiDiscrete,
     SimpleMultiObsEnv,
 )
-from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecNormalize
@@ -29,7 +28,7 @@ from torch import nn
 import sb3_trpo.common.trust_region_algorithm as trust_region_algorithm
 from sb3_trpo import NPG, TRPO, NonFiniteError
 from sb3_trpo.common.trust_region import ConjugateGradientResult
-from tests.helpers import SMALL, actor_vector, all_finite, critic_vector, record_updates
+from tests.helpers import SMALL, actor_vector, all_finite, critic_vector, record_updates, recording_logger
 
 
 @pytest.mark.parametrize(
@@ -141,7 +140,7 @@ def test_non_finite_rollout_stops_training_with_weights_untouched(value: float, 
 
 def test_non_finite_search_direction_skips_the_update(monkeypatch: pytest.MonkeyPatch) -> None:
     model = TRPO("MlpPolicy", "Pendulum-v1", **SMALL)
-    records = capture_logs(model)
+    records = recording_logger(model).latest
 
     def broken(*args, **kwargs):
         solution = th.full_like(args[1], float("nan"))
@@ -165,7 +164,7 @@ def test_failed_line_search_restores_the_exact_parameters(monkeypatch: pytest.Mo
 
     monkeypatch.setattr(trust_region_algorithm, "conjugate_gradient", uphill)
     model = TRPO("MlpPolicy", "Pendulum-v1", **SMALL)
-    records = capture_logs(model)
+    records = recording_logger(model).latest
     actor_before = actor_vector(model)
     model.learn(64)
     assert records["train/is_line_search_success"] == 0.0
@@ -185,15 +184,9 @@ def test_same_seed_gives_bitwise_identical_parameters() -> None:
     assert not th.equal(first[0], next(other.policy.parameters()))
 
 
-def capture_logs(model: NPG) -> dict[str, float]:
-    """The logger's values of the latest update (SB3 dumps them at the start of the next iteration)."""
-    model.set_logger(Logger(folder=None, output_formats=[]))
-    return model.logger.name_to_value
-
-
 def test_logger_records_sb3_contrib_keys_and_diagnostics() -> None:
     model = TRPO("MlpPolicy", "Pendulum-v1", **SMALL)
-    records = capture_logs(model)
+    records = recording_logger(model).latest
     model.learn(2 * 64)
     for key in [
         "train/policy_objective",
@@ -224,7 +217,7 @@ def test_npg_measured_kl_is_close_to_target_kl() -> None:
     model = NPG(
         "MlpPolicy", "CartPole-v1", n_steps=256, cg_max_steps=50, cg_damping=1e-4, cg_residual_tol=0.0, target_kl=1e-4, seed=0
     )
-    records = capture_logs(model)
+    records = recording_logger(model).latest
     model.learn(256)
     assert records["train/max_step_size"] > 0
     assert records["train/accepted_kl"] == pytest.approx(model.target_kl, rel=0.15)
@@ -347,7 +340,7 @@ def test_logged_objective_and_kl_are_the_accepted_policys_on_the_batch() -> None
     """Surrogate ``mean(A * pi_new(a|s) / pi_old(a|s))`` and KL, recomputed from the policy after the update."""
     model = TRPO("MlpPolicy", "CartPole-v1", **SMALL)
     updates = record_updates(model)
-    records = capture_logs(model)
+    records = recording_logger(model).latest
     model.learn(64)
     (update,) = updates
     assert records["train/is_line_search_success"] == 1.0
@@ -366,7 +359,7 @@ def test_logged_objective_and_kl_are_the_accepted_policys_on_the_batch() -> None
 def test_background_critic_fit_gives_the_sequential_weights_and_optimizer_state(tmp_path) -> None:
     def run(background: bool) -> TRPO:
         model = TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=background, **SMALL)
-        records = capture_logs(model)
+        records = recording_logger(model).latest
         model.learn(3 * 64)
         assert records["train/value_loss"] > 0
         return model

@@ -26,13 +26,12 @@ import torch as th
 from sb3_contrib.common.envs import InvalidActionEnvDiscrete
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.logger import Logger
 
 import sb3_trpo.common.critic as critic
 import sb3_trpo.common.rollout as rollout
 from sb3_trpo import TRPO, MaskableTRPO, NonFiniteError, RecurrentTRPO
 from sb3_trpo.common.critic import CriticSnapshot, background_unavailable, regress
-from tests.helpers import exited
+from tests.helpers import exited, recording_logger
 
 SMALL = dict(n_steps=64, batch_size=8, n_critic_updates=30, seed=0, policy_kwargs=dict(net_arch=[16]))
 CHILD_TIMEOUT_S = 120
@@ -432,40 +431,6 @@ def test_auto_sends_a_fit_to_the_worker_only_after_a_rollout_that_left_a_cpu_spa
     assert same_weights_and_optimizer_state(model, sequential_reference(4))
 
 
-def logged_value_losses(model: TRPO) -> list[float]:
-    """The value losses the model will log, in order."""
-    model.set_logger(Logger(folder=None, output_formats=[]))
-    losses, record = [], model.logger.record
-
-    def recording(key, value, exclude=None) -> None:
-        if key == "train/value_loss":
-            losses.append(value)
-        record(key, value, exclude)
-
-    model.logger.record = recording  # type: ignore[method-assign]
-    return losses
-
-
-def slow_minibatches_in_the_worker(monkeypatch: pytest.MonkeyPatch, seconds: float, at_least: int) -> None:
-    """Each minibatch of a fit in a worker process takes ``seconds`` longer, sleeping (no CPU time), and the worker
-    fits ``at_least`` minibatches before it honours a request to stop (on a busy machine it may get no CPU)."""
-    training_process, mse_loss, regress = os.getpid(), critic.F.mse_loss, critic.regress
-
-    def slow_mse_loss(*args, **kwargs):
-        if os.getpid() != training_process:
-            time.sleep(seconds)
-        return mse_loss(*args, **kwargs)
-
-    def regress_at_least(optimizer, parameters, minibatches, before=None, losses=None, stop=None):
-        if os.getpid() != training_process and stop is not None:
-            asked, honoured = iter(range(10**9)), stop
-            stop = lambda: next(asked) >= at_least and honoured()  # noqa: E731
-        return regress(optimizer, parameters, minibatches, before, losses, stop)
-
-    monkeypatch.setattr(critic.F, "mse_loss", slow_mse_loss)
-    monkeypatch.setattr(critic, "regress", regress_at_least)
-
-
 def test_a_fit_unfinished_at_the_end_of_the_rollout_is_finished_here_with_the_same_numbers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -479,7 +444,7 @@ def test_a_fit_unfinished_at_the_end_of_the_rollout_is_finished_here_with_the_sa
         return fit_here(job, before, losses)
 
     monkeypatch.setattr(model._critic_fit, "_fit_here", recorded)
-    losses = logged_value_losses(model)
+    logger = recording_logger(model)
     model.learn(4 * SMALL["n_steps"])
     minibatches = SMALL["n_critic_updates"] * SMALL["n_steps"] // SMALL["batch_size"]
     # Updates 1-3 were stopped in the worker when the next rollout ended and finished here; the
@@ -489,9 +454,10 @@ def test_a_fit_unfinished_at_the_end_of_the_rollout_is_finished_here_with_the_sa
     assert worker_pid(model) is not None and model._critic_fit.background
     assert same_weights_and_optimizer_state(model, sequential_reference(4))
     reference = TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=False, **SMALL)
-    reference_losses = logged_value_losses(reference)
+    reference_logger = recording_logger(reference)
     reference.learn(4 * SMALL["n_steps"])
-    assert len(losses) == 4 and losses == reference_losses
+    losses = logger.values("train/value_loss")
+    assert len(losses) == 4 and losses == reference_logger.values("train/value_loss")
     model._critic_fit.close()
 
 

@@ -22,7 +22,7 @@ from stable_baselines3.common.envs import IdentityEnv
 from sb3_trpo import MaskableTRPO
 from sb3_trpo.common.distributions import masked_categorical_kl
 from sb3_trpo.trpo_mask.trpo_mask import MaskablePolicyBatch
-from tests.helpers import dense_hessian, tiny_double_model
+from tests.helpers import dense_hessian, recording_logger, tiny_double_model
 
 ENVS = {
     "discrete": lambda: InvalidActionEnvDiscrete(dim=5, n_invalid_actions=2),
@@ -261,8 +261,9 @@ def test_save_load_round_trip(tmp_path) -> None:
 
 def test_logger_records_trust_region_diagnostics() -> None:
     model = MaskableTRPO("MlpPolicy", InvalidActionEnvDiscrete(dim=8, n_invalid_actions=3), n_steps=128, seed=0)
+    logger = recording_logger(model)
     model.learn(256)
-    logged = model.logger.name_to_value
+    logged = logger.latest
     for key in ("train/accepted_kl", "train/cg_residual", "train/expected_improvement", "train/entropy", "train/value_loss"):
         assert key in logged
     assert logged["train/is_line_search_success"] == 1.0

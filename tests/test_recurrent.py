@@ -14,12 +14,11 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import kl_divergence
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.logger import configure
 
 from sb3_trpo import TRPO, RecurrentTRPO
 from sb3_trpo.common.trust_region import flatten
 from sb3_trpo.trpo_recurrent.trpo_recurrent import RecurrentPolicyBatch
-from tests.helpers import actor_vector, critic_vector, dense_hessian, tiny_double_model
+from tests.helpers import actor_vector, critic_vector, dense_hessian, recording_logger, tiny_double_model
 
 
 class CueRecall(gym.Env):
@@ -272,9 +271,9 @@ def test_invalid_settings_raise_value_errors(kwargs: dict, message: str) -> None
 
 def test_multi_input_policy_and_logger_diagnostics() -> None:
     model = RecurrentTRPO("MultiInputLstmPolicy", DictCueRecall(), n_steps=64, policy_kwargs=dict(lstm_hidden_size=8), seed=0)
-    model.set_logger(configure(None, []))
+    logger = recording_logger(model)
     model.learn(128)
-    logged = model.logger.name_to_value
+    logged = logger.latest
     assert logged["train/is_line_search_success"] == 1.0
     assert 0.0 < logged["train/accepted_kl"] < model.target_kl
     assert 0.0 < logged["train/entropy"] <= np.log(2) + 1e-6

@@ -4,36 +4,16 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch as th
 from stable_baselines3.common.distributions import kl_divergence
-from stable_baselines3.common.logger import KVWriter, Logger
 
 import sb3_trpo.common.trust_region_algorithm as trust_region_algorithm
 from sb3_trpo import NPG, TRPO
 from sb3_trpo.hyperparams import TargetKLSchedule, convert_params, entry_params, sample_trpo_params, target_kl_schedule
 from sb3_trpo.zoo import CheckedExperimentManager, main
-
-
-class UpdateRecords(KVWriter):
-    """Every dump of the logger (SB3 dumps an update's values at the start of the next iteration)."""
-
-    def __init__(self) -> None:
-        self.updates: list[dict[str, Any]] = []
-
-    def write(self, key_values: dict[str, Any], key_excluded: dict[str, Any], step: int = 0) -> None:
-        if "train/target_kl" in key_values:
-            self.updates.append(dict(key_values))
-
-
-def learn_recording(model: NPG, total_timesteps: int) -> list[dict[str, Any]]:
-    records = UpdateRecords()
-    model.set_logger(Logger(folder=None, output_formats=[records]))
-    model.learn(total_timesteps)
-    # The last update is never dumped by learn().
-    return [*records.updates, dict(model.logger.name_to_value)]
+from tests.helpers import learn_recording, recording_logger
 
 
 def test_npg_scales_each_step_to_the_schedule_at_that_update() -> None:
@@ -41,7 +21,7 @@ def test_npg_scales_each_step_to_the_schedule_at_that_update() -> None:
     schedule = TargetKLSchedule(start=2e-4, end=2e-5, end_fraction=1.0)
     options = dict(n_steps=256, cg_max_steps=50, cg_damping=1e-4, cg_residual_tol=0.0, seed=0)
     model = NPG("MlpPolicy", "CartPole-v1", target_kl=schedule, **options)
-    updates = learn_recording(model, 4 * 256)
+    _, updates = learn_recording(model, 4 * 256)
     assert len(updates) == 4
     for k, record in enumerate(updates, start=1):
         # SB3's progress remaining when update k trains: 1 - timesteps so far / total.
@@ -58,7 +38,7 @@ def test_trpo_line_search_bounds_each_update_by_its_current_radius(monkeypatch: 
     monkeypatch.setattr(trust_region_algorithm, "max_step_size", lambda *args: 3 * real_max_step_size(*args))
     schedule = TargetKLSchedule(start=0.05, end=1e-4, end_fraction=1.0)
     model = TRPO("MlpPolicy", "Pendulum-v1", n_steps=64, batch_size=32, n_critic_updates=2, target_kl=schedule, seed=0)
-    updates = learn_recording(model, 6 * 64)
+    _, updates = learn_recording(model, 6 * 64)
     for k, record in enumerate(updates, start=1):
         current = schedule(1 - k / 6)
         assert record["train/target_kl"] == pytest.approx(current, rel=1e-12)
@@ -70,11 +50,11 @@ def test_trpo_line_search_bounds_each_update_by_its_current_radius(monkeypatch: 
 def test_max_kl_is_the_largest_per_state_kl_of_the_accepted_step() -> None:
     """Checked against SB3's KL of the policies before and after one update, per state (Swimmer: 2 action dimensions)."""
     model = TRPO("MlpPolicy", "Swimmer-v5", n_steps=128, batch_size=64, n_critic_updates=1, seed=0, target_kl=0.02)
-    model.set_logger(Logger(folder=None, output_formats=[]))
+    logger = recording_logger(model)
     model.learn(128)
     before = copy.deepcopy(model.policy)
     model.train()
-    records = model.logger.name_to_value
+    records = logger.latest
     assert records["train/is_line_search_success"] == 1.0
     observations = th.as_tensor(model.rollout_buffer.observations.reshape(128, -1))
     with th.no_grad():

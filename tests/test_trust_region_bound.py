@@ -17,13 +17,12 @@ import torch as th
 from gymnasium.wrappers import FlattenObservation
 from sb3_contrib.common.envs import InvalidActionEnvDiscrete, InvalidActionEnvMultiBinary, InvalidActionEnvMultiDiscrete
 from stable_baselines3.common.envs import IdentityEnv, IdentityEnvMultiBinary, IdentityEnvMultiDiscrete
-from stable_baselines3.common.logger import Logger
 
 import sb3_trpo.common.trust_region_algorithm as trust_region_algorithm
 from sb3_trpo import NPG, TRPO, MaskableTRPO, RecurrentTRPO
 from sb3_trpo.common.trust_region import flatten
 from sb3_trpo.common.trust_region_algorithm import PolicyBatch
-from tests.helpers import SMALL, Reach, RecordedUpdate, record_updates
+from tests.helpers import SMALL, Reach, RecordedUpdate, learn_recording
 
 FAMILIES: dict[str, Callable[[], gym.Env]] = {
     "box": Reach,
@@ -49,17 +48,15 @@ TRPO_CASES = [
 N_UPDATES = 4
 
 
-def learn_recording(model: NPG, dense_fisher: bool = False) -> list[RecordedUpdate]:
-    updates = record_updates(model, dense_fisher)
-    model.set_logger(Logger(folder=None, output_formats=[]))
-    model.learn(N_UPDATES * model.n_steps)
+def recorded_updates(model: NPG, dense_fisher: bool = False) -> list[RecordedUpdate]:
+    updates, _ = learn_recording(model, N_UPDATES * model.n_steps, dense_fisher)
     assert len(updates) == N_UPDATES
     return updates
 
 
 @pytest.mark.parametrize(("algorithm", "settings", "make_env"), TRPO_CASES)
 def test_every_accepted_update_of_a_run_has_kl_below_target_kl(algorithm: type[TRPO], settings: dict, make_env) -> None:
-    updates = learn_recording(algorithm(env=make_env(), **settings))
+    updates = recorded_updates(algorithm(env=make_env(), **settings))
     accepted = [update for update in updates if update.stats.line_search.success]
     assert len(accepted) >= N_UPDATES - 1
     for update in accepted:
@@ -80,7 +77,7 @@ def test_line_search_shrinks_a_too_long_step_to_kl_below_target_kl(
     real_max_step_size = trust_region_algorithm.max_step_size
     monkeypatch.setattr(trust_region_algorithm, "max_step_size", lambda *args: 3 * real_max_step_size(*args))
     model = algorithm(env=make_env(), line_search_shrinking_factor=0.9, line_search_max_iter=40, **settings)
-    updates = learn_recording(model)
+    updates = recorded_updates(model)
     accepted = [update for update in updates if update.stats.line_search.success]
     assert len(accepted) >= N_UPDATES - 1
     for update in accepted:
@@ -93,7 +90,7 @@ def test_line_search_shrinks_a_too_long_step_to_kl_below_target_kl(
 def test_npg_full_step_puts_the_dense_quadratic_kl_model_on_target_kl(make_env) -> None:
     """NPG takes the whole step ``s``, scaled so that ``0.5 s^T (F + damping I) s = target_kl`` with ``F`` the dense Fisher."""
     model = NPG("MlpPolicy", make_env(), **SMALL)
-    for update in learn_recording(model, dense_fisher=True):
+    for update in recorded_updates(model, dense_fisher=True):
         assert update.fisher is not None
         assert update.stats.line_search.step_fraction == 1.0
         step = update.step.to(update.fisher.dtype)
