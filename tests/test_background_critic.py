@@ -431,6 +431,26 @@ def test_auto_sends_a_fit_to_the_worker_only_after_a_rollout_that_left_a_cpu_spa
     assert same_weights_and_optimizer_state(model, sequential_reference(4))
 
 
+def slow_minibatches_in_the_worker(monkeypatch: pytest.MonkeyPatch, seconds: float, at_least: int) -> None:
+    """Each minibatch of a fit in a worker process takes ``seconds`` longer, sleeping (no CPU time), and the worker
+    fits ``at_least`` minibatches before it honours a request to stop (on a busy machine it may get no CPU)."""
+    training_process, mse_loss, regress = os.getpid(), critic.F.mse_loss, critic.regress
+
+    def slow_mse_loss(*args, **kwargs):
+        if os.getpid() != training_process:
+            time.sleep(seconds)
+        return mse_loss(*args, **kwargs)
+
+    def regress_at_least(optimizer, parameters, minibatches, before=None, losses=None, stop=None):
+        if os.getpid() != training_process and stop is not None:
+            asked, honoured = iter(range(10**9)), stop
+            stop = lambda: next(asked) >= at_least and honoured()  # noqa: E731
+        return regress(optimizer, parameters, minibatches, before, losses, stop)
+
+    monkeypatch.setattr(critic.F, "mse_loss", slow_mse_loss)
+    monkeypatch.setattr(critic, "regress", regress_at_least)
+
+
 def test_a_fit_unfinished_at_the_end_of_the_rollout_is_finished_here_with_the_same_numbers(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
