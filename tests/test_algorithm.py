@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -107,6 +108,19 @@ def test_single_sample_buffer_with_advantage_normalization_is_refused() -> None:
     with pytest.raises(ValueError, match=r"n_steps \* n_envs must be > 1"):
         TRPO("MlpPolicy", "Pendulum-v1", n_steps=1)
     TRPO("MlpPolicy", "Pendulum-v1", n_steps=1, normalize_advantage=False)
+
+
+@pytest.mark.parametrize(("n_steps", "n_envs", "batch_size"), [(64, 1, 256), (32, 2, 128), (100, 1, 64)])
+def test_batch_size_not_dividing_the_rollout_warns_as_sb3_contrib(n_steps: int, n_envs: int, batch_size: int) -> None:
+    options = dict(n_steps=n_steps, batch_size=batch_size)
+    with pytest.warns(UserWarning, match=f"mini-batch size of {batch_size}") as ours:
+        TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=n_envs), **options)
+    with pytest.warns(UserWarning) as theirs:
+        sb3_contrib.TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=n_envs), **options)
+    assert [str(w.message) for w in ours] == [str(w.message) for w in theirs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TRPO("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=n_envs), n_steps=n_steps, batch_size=n_steps * n_envs)
 
 
 class NaNRewardAfter(gym.Wrapper):

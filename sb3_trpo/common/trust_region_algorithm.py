@@ -9,6 +9,8 @@ sequences with a validity mask) that the methods here apply.
 from __future__ import annotations
 
 import copy
+import io
+import pathlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ from sb3_trpo.common.critic import (
     index_observations,
 )
 from sb3_trpo.common.distributions import distribution_fisher_vector_product, kl_terms
+from sb3_trpo.common.loading import check_saved_by_trust_region, plain_load_errors, read_saved_data, unknown_policy_error
 from sb3_trpo.common.policies import split_actor_critic
 from sb3_trpo.common.rollout import actions_for_log_prob, collect_rollout
 from sb3_trpo.common.trust_region import (
@@ -57,6 +60,7 @@ from sb3_trpo.common.validation import (
     check_hyperparameter,
     check_hyperparameters,
     observation_arrays,
+    warn_truncated_batch,
 )
 
 SelfTrustRegionAlgorithm = TypeVar("SelfTrustRegionAlgorithm", bound="TrustRegionAlgorithm")
@@ -294,6 +298,8 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         )
         if getattr(self, "action_space", None) is not None:
             check_action_space(type(self).__name__, self.action_space, self.supported_action_spaces)
+        if self.env is not None:
+            warn_truncated_batch(batch_size, self.n_steps, self.env.num_envs)
         if self.env is not None and normalize_advantage:
             buffer_size = self.env.num_envs * self.n_steps
             check_hyperparameter(
@@ -336,6 +342,27 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         if background_critic_fit is True and self.background_critic_fit_refused is not None:
             refused = f"False for {type(self).__name__}: {self.background_critic_fit_refused}"
             check_hyperparameter("background_critic_fit", True, False, refused)
+
+    def _get_policy_from_name(self, policy_name: str) -> type[BasePolicy]:
+        if policy_name not in self.policy_aliases:
+            raise unknown_policy_error(type(self).__name__, policy_name, self.policy_aliases)
+        return super()._get_policy_from_name(policy_name)
+
+    @classmethod
+    def load(
+        cls: type[SelfTrustRegionAlgorithm],
+        path: str | pathlib.Path | io.BufferedIOBase,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        custom_objects: dict[str, Any] | None = None,
+        print_system_info: bool = False,
+        force_reset: bool = True,
+        **kwargs: Any,
+    ) -> SelfTrustRegionAlgorithm:
+        # SB3 loads any algorithm's zip into any class, and lets torch's errors on a damaged file through.
+        check_saved_by_trust_region(cls.__name__, path, read_saved_data(path, custom_objects))
+        with plain_load_errors(path):
+            return super().load(path, env, device, custom_objects, print_system_info, force_reset, **kwargs)
 
     # ------------------------------------------------------------------ setup
     def _setup_model(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -62,6 +63,21 @@ def check_action_space(algorithm: str, action_space: spaces.Space, supported: tu
         names = ", ".join(space.__name__ for space in supported)
         raise ValueError(
             f"action space {type(action_space).__name__} is not supported by {algorithm}; supported action spaces: {names}"
+        )
+
+
+def warn_truncated_batch(batch_size: int, n_steps: int, n_envs: int) -> None:
+    """Warn, in sb3-contrib's words, when the rollout is not a whole number of critic mini-batches."""
+    buffer_size = n_steps * n_envs
+    if buffer_size % batch_size > 0:
+        warnings.warn(
+            f"You have specified a mini-batch size of {batch_size},"
+            f" but because the `RolloutBuffer` is of size `n_steps * n_envs = {buffer_size}`,"
+            f" after every {buffer_size // batch_size} untruncated mini-batches,"
+            f" there will be a truncated mini-batch of size {buffer_size % batch_size}\n"
+            f"We recommend using a `batch_size` that is a factor of `n_steps * n_envs`.\n"
+            f"Info: (n_steps={n_steps} and n_envs={n_envs})",
+            stacklevel=3,
         )
 
 
