@@ -35,18 +35,16 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_trpo import TRPO, NonFiniteError
-from sb3_trpo.hyperparams import (
+from sb3_trpo.hyperparams import config_entry, sample_trpo_params
+from sb3_trpo.tuning.signals import SignalStop, WorkerStopped
+from sb3_trpo.tuning.storage import (
     DEFAULT_GRACE_PERIOD,
     DEFAULT_HEARTBEAT_INTERVAL,
     DEFAULT_MAX_RETRY,
-    SignalStop,
-    WorkerStopped,
     check_env_id,
     check_fault_options,
     check_storage,
-    config_entry,
     open_storage,
-    sample_trpo_params,
 )
 
 

@@ -10,8 +10,8 @@ seconds of Optuna's heartbeat with which an RDB storage is opened (a trial witho
 heartbeat for the grace period has lost its worker: it is failed and run again), and
 ``--max-retry``, how many times such a trial is run again.
 Workers started together on an empty storage are safe: the storage is opened and the
-entry enqueued under a lock (:func:`sb3_trpo.hyperparams.storage_lock`). SIGINT or SIGTERM
-stops a worker (:class:`sb3_trpo.hyperparams.SignalStop`): its running trials become FAIL
+entry enqueued under a lock (:func:`sb3_trpo.tuning.storage.storage_lock`). SIGINT or SIGTERM
+stops a worker (:class:`sb3_trpo.tuning.signals.SignalStop`): its running trials become FAIL
 (the reason in their ``fail_reason`` system attribute) and are enqueued again, rl-zoo3
 writes its report, and the exit status is 128 + the signal number; it is 0 when no trial
 was stopped. Stopped before any trial of the study completed, the worker says so in one
@@ -50,25 +50,26 @@ from stable_baselines3.common.vec_env import VecEnv
 
 import sb3_trpo
 from sb3_trpo.hyperparams import (
-    DEFAULT_GRACE_PERIOD,
-    DEFAULT_HEARTBEAT_INTERVAL,
-    DEFAULT_MAX_RETRY,
     Sampler,
-    SignalStop,
-    SignalStopCallback,
-    check_env_id,
-    check_fault_options,
-    check_storage,
     config_entry,
-    enqueue_unless_measured,
     entry_params,
-    open_storage,
     sample_npg_params,
     sample_trpo_lstm_params,
     sample_trpo_mask_params,
     sample_trpo_params,
-    storage_lock,
     target_kl_schedule,
+)
+from sb3_trpo.tuning.signals import SignalStop, SignalStopCallback
+from sb3_trpo.tuning.storage import (
+    DEFAULT_GRACE_PERIOD,
+    DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_MAX_RETRY,
+    check_env_id,
+    check_fault_options,
+    check_storage,
+    enqueue_unless_measured,
+    open_storage,
+    storage_lock,
 )
 
 CONFIG_DIR = Path(__file__).parent / "zoo_configs"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import gymnasium as gym
-import numpy as np
 import optuna
 import pytest
 import torch as th
@@ -17,7 +16,6 @@ from sb3_trpo import NPG, TRPO, RecurrentTRPO
 from sb3_trpo.hyperparams import (
     ACTIVATION_FNS,
     NET_ARCHS,
-    check_storage,
     config_entry,
     convert_params,
     entry_params,
@@ -218,27 +216,3 @@ def test_entry_outside_the_search_space_is_named(change: dict, message: str) -> 
     entry = {**package_entry("HalfCheetah-v5"), **change}
     with pytest.raises(ValueError, match=message):
         entry_params(sample_trpo_params, entry, TRPO, n_actions=6)
-
-
-@pytest.mark.parametrize(
-    ("url", "message"),
-    [
-        ("study.db", "malformed storage URL 'study.db'"),
-        ("sqlit:///study.db", "unknown database 'sqlit'"),
-        ("sqlite:////nonexistent-dir/study.db", "cannot reach storage 'sqlite:////nonexistent-dir/study.db'"),
-    ],
-)
-def test_unusable_storage_is_named(url: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        check_storage(url)
-
-
-def test_usable_storage_passes_without_writing(tmp_path) -> None:
-    path = tmp_path / "study.db"
-    optuna.create_study(storage=f"sqlite:///{path}", study_name="kept").add_trial(
-        optuna.trial.create_trial(value=1.0, params={}, distributions={})
-    )
-    before = path.read_bytes()
-    check_storage(f"sqlite:///{path}")
-    assert path.read_bytes() == before
-    assert np.isclose(optuna.load_study(study_name="kept", storage=f"sqlite:///{path}").best_value, 1.0)

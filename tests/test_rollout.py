@@ -40,7 +40,7 @@ from sb3_trpo.common.rollout import (
     mkl_thread_setter,
     one_thread_gives_the_same_bits,
 )
-from sb3_trpo.hyperparams import SignalStop, SignalStopCallback
+from sb3_trpo.tuning.signals import SignalStop, SignalStopCallback
 
 SEED = 3
 

@@ -24,15 +24,9 @@ import yaml
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from sb3_trpo.hyperparams import (
-    SignalStop,
-    WorkerStopped,
-    check_fault_options,
-    config_entry,
-    enqueue_unless_measured,
-    open_storage,
-    storage_lock,
-)
+from sb3_trpo.hyperparams import config_entry
+from sb3_trpo.tuning.signals import SignalStop, WorkerStopped
+from sb3_trpo.tuning.storage import check_fault_options, check_storage, enqueue_unless_measured, open_storage, storage_lock
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -40,6 +34,30 @@ REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "tune_optuna.py"
 STUDY = "shared"
 TRIALS_PER_WORKER = 2
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("study.db", "malformed storage URL 'study.db'"),
+        ("sqlit:///study.db", "unknown database 'sqlit'"),
+        ("sqlite:////nonexistent-dir/study.db", "cannot reach storage 'sqlite:////nonexistent-dir/study.db'"),
+    ],
+)
+def test_unusable_storage_is_named(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        check_storage(url)
+
+
+def test_usable_storage_passes_without_writing(tmp_path: Path) -> None:
+    path = tmp_path / "study.db"
+    optuna.create_study(storage=f"sqlite:///{path}", study_name="kept").add_trial(
+        optuna.trial.create_trial(value=1.0, params={}, distributions={})
+    )
+    before = path.read_bytes()
+    check_storage(f"sqlite:///{path}")
+    assert path.read_bytes() == before
+    assert optuna.load_study(study_name="kept", storage=f"sqlite:///{path}").best_value == 1.0
 
 
 # A worker is the real command line (sb3_trpo.zoo.main, rl-zoo3, Optuna's storage) whose

@@ -22,7 +22,8 @@ from rl_zoo3.utils import ALGOS
 
 import sb3_trpo
 from sb3_trpo import NPG, TRPO
-from sb3_trpo.hyperparams import WorkerStopped, config_entry, sample_npg_params, sample_trpo_params, target_kl_schedule
+from sb3_trpo.hyperparams import config_entry, sample_npg_params, sample_trpo_params, target_kl_schedule
+from sb3_trpo.tuning.signals import WorkerStopped
 from sb3_trpo.zoo import CONFIG_DIR, CheckedExperimentManager, main, register
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -49,7 +49,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sb3_trpo.common.validation import check_finite, observation_arrays
-from sb3_trpo.hyperparams import SignalStopCallback
+from sb3_trpo.tuning.signals import SignalStopCallback
 
 Observations = np.ndarray | dict[str, np.ndarray]
 ActionSampler = Callable[[Observations], np.ndarray]
