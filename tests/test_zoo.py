@@ -147,9 +147,8 @@ def test_measured_figure_pattern_finds_the_figures_configs_used_to_quote() -> No
 
 @pytest.mark.parametrize("env_id", LISTED_ENVS)
 def test_every_package_config_entry_builds_a_trpo_model(
-    env_id: str, tmp_path: Path, rl_zoo3_registries: None, monkeypatch: pytest.MonkeyPatch
+    env_id: str, tmp_path: Path, rl_zoo3_registries: None
 ) -> None:
-    monkeypatch.chdir(tmp_path)  # MuJoCo writes its warnings to MUJOCO_LOG.TXT here
     if env_id in BOX2D_ENVS:
         pytest.importorskip("Box2D", reason=f"{env_id} needs gymnasium[box2d]")
     if env_id.endswith("-v5"):
