@@ -41,7 +41,8 @@ def sample_npg_params(trial: optuna.Trial, n_actions: int, n_envs: int, addition
 
     :param trial: the Optuna trial to sample from
     :param n_actions: dimension of a ``Box`` action space, 0 for other spaces (no ``log_std_init`` then)
-    :param n_envs: number of parallel environments (the rollout holds ``n_steps * n_envs`` samples)
+    :param n_envs: number of parallel environments (the rollout holds ``n_steps * n_envs`` samples);
+        unused: ``batch_size`` is at most ``n_steps``, so the config is valid for any ``n_envs``
     :param additional_args: rl-zoo3's extra sampler arguments, unused
     :return: keyword arguments for :class:`sb3_trpo.NPG`
     """
@@ -125,7 +126,7 @@ def _suggest_natural_gradient(trial: optuna.Trial, n_actions: int) -> None:
     trial.suggest_int("n_steps_pow", 5, 11)
     trial.suggest_float("one_minus_gamma", 1e-4, 0.1, log=True)
     trial.suggest_float("one_minus_gae_lambda", 1e-3, 0.2, log=True)
-    # The critic's regression: Adam step size, epochs over the rollout, minibatch of 32 to 1024.
+    # The critic's regression: Adam step size, epochs over the rollout, minibatch of 32 to 1024 (at most n_steps).
     trial.suggest_float("learning_rate", 1e-5, 1e-2, log=True)
     trial.suggest_int("n_critic_updates", 5, 30)
     trial.suggest_int("batch_size_pow", 5, 10)
@@ -154,6 +155,11 @@ def _scalar_hyperparams(params: Mapping[str, Any]) -> dict[str, Any]:
             hyperparams[name] = value
     if params.get("target_kl_schedule") == "linear":
         hyperparams["target_kl"] = f"lin_{params['target_kl']}"
+    # SB3 needs batch_size <= n_steps * n_envs. Capped at one environment's rollout (the rule of
+    # rl-zoo3's early samplers), the entry of a trial is valid for any n_envs, and --trial-id's
+    # conversion of trial.params, which does not know n_envs, gives what the trial trained with.
+    if "batch_size" in hyperparams and "n_steps" in hyperparams:
+        hyperparams["batch_size"] = min(hyperparams["batch_size"], hyperparams["n_steps"])
     return hyperparams
 
 
@@ -268,6 +274,12 @@ def entry_params(
                 f"search space of the study: {_range(name, distribution)}"
             )
         params[name] = int(value) if isinstance(distribution, optuna.distributions.IntDistribution) else value
+    # The study caps batch_size at n_steps (_scalar_hyperparams): a trial of a larger one would train with less.
+    if params.get("batch_size_pow", -math.inf) > params.get("n_steps_pow", math.inf):
+        raise ValueError(
+            f"{_entry_shown('batch_size_pow', hyperparams, policy_kwargs)} in the config entry is outside the "
+            f"search space of the study: at most n_steps ({2 ** params['n_steps_pow']}), whatever n_envs"
+        )
     return params
 
 

@@ -16,18 +16,20 @@ from sb3_trpo import NPG, TRPO, RecurrentTRPO
 from sb3_trpo.hyperparams import (
     ACTIVATION_FNS,
     NET_ARCHS,
+    Sampler,
     config_entry,
     convert_params,
     entry_params,
     sample_npg_params,
     sample_trpo_lstm_params,
+    sample_trpo_mask_params,
     sample_trpo_params,
 )
 from sb3_trpo.zoo import CONFIG_DIR
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-# Small rollouts keep one update cheap; every other sampled value is used as sampled.
+# Small rollouts (minibatches no larger) keep one update cheap; every other sampled value is used as sampled.
 MAX_N_STEPS = 64
 TRPO_KNOBS = {
     "target_kl",
@@ -51,7 +53,8 @@ def n_actions(env_id: str) -> int:
 
 
 def train_one_update(algorithm: type[NPG], env_id: str, hyperparams: dict) -> NPG:
-    hyperparams = {**hyperparams, "n_steps": min(hyperparams["n_steps"], MAX_N_STEPS)}
+    n_steps = min(hyperparams["n_steps"], MAX_N_STEPS)
+    hyperparams = {**hyperparams, "n_steps": n_steps, "batch_size": min(hyperparams["batch_size"], n_steps)}
     model = algorithm("MlpPolicy", make_vec_env(env_id, n_envs=1, seed=0), seed=0, device="cpu", **hyperparams)
     model.learn(hyperparams["n_steps"])
     return model
@@ -91,6 +94,30 @@ def test_every_sampled_npg_configuration_completes_an_update() -> None:
         assert set(hyperparams) == TRPO_KNOBS - {"line_search_shrinking_factor", "line_search_max_iter"}
         assert train_one_update(NPG, env_id, hyperparams)._n_updates == 1
         study.tell(trial, 0.0)
+
+
+SAMPLERS = [sample_npg_params, sample_trpo_params, sample_trpo_mask_params, sample_trpo_lstm_params]
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda sampler: sampler.__name__)
+def test_no_sampled_config_has_a_minibatch_larger_than_the_rollout(sampler: Sampler) -> None:
+    # The n_envs of the tests and of the packaged configs; SB3 needs batch_size <= n_steps * n_envs.
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=4))
+    too_large = []
+    for n_envs in (1, 2, 4, 8):
+        for _ in range(200):
+            trial = study.ask()
+            hyperparams = sampler(trial, 1, n_envs, {})
+            study.tell(trial, 0.0)
+            if 2 ** trial.params["batch_size_pow"] > 2 ** trial.params["n_steps_pow"] * n_envs:
+                too_large.append(trial.number)  # the draws the sampler has to correct
+            # What trains, the config entry stored with the trial, and --trial-id's conversion agree.
+            entry = config_entry(trial.params, n_envs=n_envs)
+            assert entry == {"n_envs": n_envs, **trial.user_attrs}
+            assert convert_params(trial.params) == hyperparams
+            assert entry["batch_size"] == hyperparams["batch_size"] <= hyperparams["n_steps"] * n_envs, trial.params
+            assert hyperparams["batch_size"] == min(2 ** trial.params["batch_size_pow"], hyperparams["n_steps"])
+    assert len(too_large) > 100
 
 
 def test_best_trial_turns_into_the_config_it_was_trained_with() -> None:
@@ -201,6 +228,7 @@ def test_entry_params_read_network_and_lstm_options() -> None:
     [
         ({"n_steps": 1000}, r"^n_steps=1000 in the config entry is outside .*: powers of two from 32 to 2048$"),
         ({"gamma": 0.5}, r"^gamma=0.5 in .*: \[0.9, 0.9999\]$"),
+        ({"n_steps": 64, "batch_size": 128}, r"^batch_size=128 in .*: at most n_steps \(64\), whatever n_envs$"),
         ({"target_kl": 0.5}, r"^target_kl=0.5 in .*: \[0.001, 0.1\]$"),
         ({"policy_kwargs": {"net_arch": [400, 300]}}, r"^net_arch=\[400, 300\] in .*: one of tiny, small, medium$"),
         ({"policy_kwargs": {"net_arch": {"pi": [64], "vf": [256, 256]}}}, r"^net_arch=.* one of tiny, small, medium$"),

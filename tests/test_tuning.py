@@ -61,7 +61,7 @@ def test_usable_storage_passes_without_writing(tmp_path: Path) -> None:
 
 
 # A worker is the real command line (sb3_trpo.zoo.main, rl-zoo3, Optuna's storage) whose
-# sampled trials are cut to 64-step rollouts and 2 critic epochs, so that each trial costs
+# sampled trials are cut to 64-step rollouts (minibatches too) and 2 critic epochs, so that each trial costs
 # a fraction of a second whatever the sampler draws. With HOLD set, each trial after the
 # first HOLD_AFTER of the worker's study touches HOLD.trial<number> and waits while the file
 # HOLD exists: the test knows which trial runs where, and can kill or stop a worker inside it.
@@ -89,7 +89,8 @@ def small_trials(trial, n_actions, n_envs, additional_args):
         hold.with_name(f"{hold.name}.trial{trial.number}").touch()
         while hold.exists():
             time.sleep(0.05)
-    return {**hyperparams, "n_steps": min(hyperparams["n_steps"], 64), "n_critic_updates": 2}
+    n_steps = min(hyperparams["n_steps"], 64)
+    return {**hyperparams, "n_steps": n_steps, "batch_size": min(hyperparams["batch_size"], n_steps), "n_critic_updates": 2}
 
 
 zoo.ZOO_ALGORITHMS["trpo"] = replace(zoo.ZOO_ALGORITHMS["trpo"], sampler=small_trials)
@@ -522,6 +523,7 @@ def test_example_tunes_and_writes_best_config_and_plots(
     assert text.startswith("# Our tuning: examples/tune_optuna.py, study 'example', best of 3 trials of 256 steps")
     entry = yaml.safe_load(text)["CartPole-v1"]
     assert entry == {"n_envs": 1, "n_timesteps": 256, "policy": "MlpPolicy", **best.user_attrs}
+    assert all(trial.user_attrs["batch_size"] <= trial.user_attrs["n_steps"] for trial in finished)
     for name in ("optimization_history", "param_importances"):
         assert "plotly" in (output / f"{name}.html").read_text()[:100_000].lower()
         assert (output / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -244,14 +244,14 @@ def test_enqueue_entry_makes_the_config_entry_a_trial_once(tmp_path: Path) -> No
         "train", "--algo", "trpo", "--env", "Pendulum-v1", "-f", str(tmp_path / "logs"), "--storage", storage,
         "--study-name", "p", "-optimize", "--enqueue-entry", "--n-trials", "1", "--n-jobs", "1", "-n", "64",
         "--n-evaluations", "1", "--sampler", "random", "--pruner", "none", "--no-optim-plots", "--seed", "1",
-        "-params", "n_envs:1", "n_steps:64", "learning_rate:0.002",
+        "-params", "n_envs:1", "n_steps:64", "batch_size:64", "learning_rate:0.002",
     ]  # fmt: skip
     main(command)
     main(command)  # a second worker of the same study: the entry is not enqueued again
     study = optuna.load_study(study_name="p", storage=optuna.storages.JournalStorage(JournalFileBackend(storage)))
     assert [trial.state for trial in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     first, second = (trial.user_attrs for trial in study.trials)
-    # The package's Pendulum-v1 entry, with the -params override; what it leaves out, TRPO's defaults.
+    # The package's Pendulum-v1 entry, with the -params overrides; what it leaves out, TRPO's defaults.
     entry = {
         "n_steps": 64,
         "gamma": 0.9,
@@ -259,7 +259,7 @@ def test_enqueue_entry_makes_the_config_entry_a_trial_once(tmp_path: Path) -> No
         "learning_rate": 0.002,
         "target_kl": 0.01,
         "gae_lambda": 0.95,
-        "batch_size": 128,
+        "batch_size": 64,
     }
     assert {name: first[name] for name in entry} == pytest.approx(entry)
     assert first["policy_kwargs"] == (
