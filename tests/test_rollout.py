@@ -20,7 +20,7 @@ import torch as th
 from gymnasium import spaces
 from sb3_contrib.common.envs import InvalidActionEnvDiscrete
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalCallback, StopTrainingOnMaxEpisodes
+from stable_baselines3.common.callbacks import BaseCallback, StopTrainingOnMaxEpisodes
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import FakeImageEnv, IdentityEnvMultiBinary, IdentityEnvMultiDiscrete, SimpleMultiObsEnv
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
@@ -31,15 +31,16 @@ from stable_baselines3.common.vec_env import VecEnvWrapper, VecNormalize
 from torch import nn
 
 from sb3_trpo import NPG, TRPO, MaskableTRPO, RecurrentTRPO
-from sb3_trpo.common.policies import split_actor_critic
-from sb3_trpo.common.rollout import (
+from sb3_trpo.common import rollout_gate
+from sb3_trpo.common.exact_sampler import (
     ELEMENTWISE_GRAIN_SIZE,
     action_sampler,
-    batched_rollout_sampler,
     gaussian_mlp_sampler,
     mkl_thread_setter,
     one_thread_gives_the_same_bits,
 )
+from sb3_trpo.common.policies import split_actor_critic
+from sb3_trpo.common.rollout_gate import batched_rollout_sampler
 from sb3_trpo.tuning.signals import SignalStop, SignalStopCallback
 
 SEED = 3
@@ -153,7 +154,7 @@ def _run(collect, case: dict) -> Run:
     callback_fn = case.get("callback")
     _, callback = model._setup_learn(10**6, None if callback_fn is None else callback_fn())
     callback.on_training_start(locals(), globals())
-    batched = batched_rollout_sampler(model.policy, model.rollout_buffer, callback) is not None
+    batched = batched_rollout_sampler(model.policy, model.rollout_buffer) is not None
     th.manual_seed(SEED)
     returned = collect(model, model.env, callback, model.rollout_buffer, model.n_steps)
     return Run(model, returned, batched, callback.n_calls)
@@ -232,20 +233,20 @@ CASES: dict[str, dict] = {
     "batchnorm-dropout": dict(
         env=_pendulum, options=dict(n_steps=64, policy_kwargs=dict(features_extractor_class=BatchNormDropout)), batched=False
     ),
-    "user-callback-stops": dict(env=_pendulum, options=dict(n_steps=64), callback=lambda: StopAt(10), batched=False),
-    # SB3's StopTrainingOnMaxEpisodes never changes the policy: the batched loop runs, and stops at the first episode end.
+    "user-callback-stops": dict(env=_pendulum, options=dict(n_steps=64), callback=lambda: StopAt(10), batched=True),
+    # SB3's StopTrainingOnMaxEpisodes stops at the first episode end.
     "sb3-callback-stops": dict(
         env=lambda: make_vec_env("CartPole-v1", n_envs=2, seed=0),
         options=dict(n_steps=128),
         callback=lambda: StopTrainingOnMaxEpisodes(max_episodes=1),
         batched=True,
     ),
-    # The stop of a tuning trial (sb3_trpo.zoo --n-jobs) never changes the policy either.
+    # The stop of a tuning trial (sb3_trpo.zoo --n-jobs).
     "signal-stop-callback": dict(
         env=_pendulum, options=dict(n_steps=64), callback=lambda: SignalStopCallback(SignalStop()), batched=True
     ),
     "user-callback-edits-weights": dict(
-        env=_pendulum, options=dict(n_steps=64), callback=lambda: EditWeightsAt(20), batched=False
+        env=_pendulum, options=dict(n_steps=64, background_critic_fit=False), callback=lambda: EditWeightsAt(20), batched=True
     ),
 }
 
@@ -400,39 +401,49 @@ def _hooked(add: Callable[[TRPO], Any]) -> TRPO:
 @pytest.mark.parametrize("name", list(SB3_LOOP))
 def test_policies_not_recognised_exactly_run_sb3_loop(name: str) -> None:
     model = SB3_LOOP[name]()
-    _, callback = model._setup_learn(64, None)
-    assert batched_rollout_sampler(model.policy, model.rollout_buffer, callback) is None
-    assert batched_rollout_sampler(_pendulum_model().policy, model.rollout_buffer, callback) is not None
+    assert batched_rollout_sampler(model.policy, model.rollout_buffer) is None
+    assert batched_rollout_sampler(_pendulum_model().policy, model.rollout_buffer) is not None
 
 
 def test_global_hook_runs_sb3_loop() -> None:
     model = _pendulum_model()
-    _, callback = model._setup_learn(64, None)
     handle = nn.modules.module.register_module_forward_hook(lambda *_: None)
     try:
-        assert batched_rollout_sampler(model.policy, model.rollout_buffer, callback) is None
+        assert batched_rollout_sampler(model.policy, model.rollout_buffer) is None
     finally:
         handle.remove()
-    assert batched_rollout_sampler(model.policy, model.rollout_buffer, callback) is not None
+    assert batched_rollout_sampler(model.policy, model.rollout_buffer) is not None
+
+
+@pytest.mark.parametrize("name", ["_compiled_call_impl", "_global_forward_hooks"])
+def test_a_torch_without_a_private_attribute_read_runs_sb3_loop(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A torch release renaming a private name the gate reads fails closed: SB3's loop runs, even for a compiled policy."""
+    model = _pendulum_model()
+    assert batched_rollout_sampler(model.policy, model.rollout_buffer) is not None
+    monkeypatch.delattr(nn.Module if name == "_compiled_call_impl" else nn.modules.module, name)
+    assert batched_rollout_sampler(model.policy, model.rollout_buffer) is None
+    _, callback = model._setup_learn(64, None)
+    steps: list[str] = []
+    monkeypatch.setattr(OnPolicyAlgorithm, "collect_rollouts", lambda *args: steps.append("sb3") or True)
+    assert model.collect_rollouts(model.env, callback, model.rollout_buffer, 64)
+    assert steps == ["sb3"]
+
+
+def test_sb3_loop_with_other_local_variables_runs_sb3_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _pendulum_model()
+    monkeypatch.setattr(rollout_gate, "sb3_rollout_locals", lambda: rollout_gate.SB3_ROLLOUT_LOCALS | {"new_local"})
+    assert batched_rollout_sampler(model.policy, model.rollout_buffer) is None
 
 
 class SubclassedBuffer(RolloutBuffer):
     pass
 
 
-def test_only_callbacks_known_not_to_change_the_policy_and_sb3_buffers_run_the_batched_loop() -> None:
+def test_only_sb3_buffers_run_the_batched_loop() -> None:
     model = _pendulum_model()
-    eval_env = _pendulum(1)
-    neutral = [None, [], EvalCallback(eval_env, callback_on_new_best=StopTrainingOnMaxEpisodes(3)), CallbackList([])]
-    for callback in neutral:
-        _, built = model._setup_learn(64, callback, progress_bar=False)
-        assert batched_rollout_sampler(model.policy, model.rollout_buffer, built) is not None, callback
-    for callback in [StopAt(5), lambda _locals, _globals: True, EvalCallback(eval_env, callback_on_new_best=StopAt(3))]:
-        _, built = model._setup_learn(64, callback)
-        assert batched_rollout_sampler(model.policy, model.rollout_buffer, built) is None, callback
-    _, built = model._setup_learn(64, None)
     other = SubclassedBuffer(64, model.observation_space, model.action_space, n_envs=1)  # type: ignore[arg-type]
-    assert batched_rollout_sampler(model.policy, other, built) is None
+    assert batched_rollout_sampler(model.policy, model.rollout_buffer) is not None
+    assert batched_rollout_sampler(model.policy, other) is None
 
 
 # ------------------------------------------------------------------ the per-step sampler
