@@ -144,3 +144,14 @@ def test_callback_scenario_trains_with_the_users_callback(impl: str, monkeypatch
     result = speed.measure(impl, "Pendulum-v1", 800, seed=0, background_critic="false", scenario="callback")
     assert result["steps_per_s"] > 0
     assert len(returns) == 4 and all(r < 0 for r in returns)
+
+
+def test_the_entry_point_dispatches_to_its_commands(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sb3_trpo.benchmark.__main__ import main as benchmark_main
+
+    assert benchmark_main([]) == 2 and benchmark_main(["returns"]) == 2
+    assert "usage: python -m sb3_trpo.benchmark {speed,report}" in capsys.readouterr().err
+    monkeypatch.setattr(speed, "main", lambda argv: 7 if argv == ["--steps", "1"] else 0)
+    assert benchmark_main(["speed", "--steps", "1"]) == 7

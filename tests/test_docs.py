@@ -7,6 +7,7 @@ renamed argument or a moved import breaks this test, not a reader's first try.
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from pathlib import Path
 from typing import Any
@@ -88,3 +89,14 @@ def test_files_and_tests_the_docs_name_exist() -> None:
     tests_named = {name for text in texts.values() for name in re.findall(r"``(test_\w+)``", text)}
     assert tests_named
     assert not [name for name in tests_named if f"def {name}(" not in test_sources]
+
+
+def test_the_tests_readme_maps_every_module_to_test_files_that_exist() -> None:
+    text = (REPO / "tests" / "README.md").read_text()
+    patterns = re.findall(r"^\| `([^`]+)`", text, re.MULTILINE)
+    sources = [*(REPO / "sb3_trpo").rglob("*.py"), *(REPO / "benchmarks").rglob("*.py")]
+    modules = {str(path.relative_to(REPO)) for path in sources if path.name != "__init__.py" or path.parent.name == "sb3_trpo"}
+    assert sorted(m for m in modules if not any(fnmatch.fnmatch(m, pattern) for pattern in patterns)) == []
+    named = set(re.findall(r"`(test_\w+\.py)`", text))
+    assert sorted(name for name in named if not (REPO / "tests" / name).exists()) == []
+    assert sorted({path.name for path in (REPO / "tests").glob("test_*.py")} - named) == []
