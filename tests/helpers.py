@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import gymnasium as gym
@@ -25,6 +26,7 @@ from sb3_trpo.common.trust_region_algorithm import PolicyBatch, PolicyStepStats
 from sb3_trpo.trpo_mask.trpo_mask import MaskablePolicyBatch
 from sb3_trpo.trpo_recurrent.trpo_recurrent import RecurrentPolicyBatch
 
+REPO = Path(__file__).resolve().parent.parent  # the checkout
 T = TypeVar("T")
 Model = TypeVar("Model", bound=NPG)
 

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from stable_baselines3.common.base_class import BaseAlgorithm
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import REPO
+
 DOCS = REPO / "docs"
 PAGES = [*sorted(DOCS.rglob("*.rst")), REPO / "README.md"]
 

@@ -27,10 +27,10 @@ from optuna.trial import TrialState
 from sb3_trpo.hyperparams import config_entry
 from sb3_trpo.tuning.signals import SignalStop, WorkerStopped
 from sb3_trpo.tuning.storage import check_fault_options, check_storage, enqueue_unless_measured, open_storage, storage_lock
+from tests.helpers import REPO
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "tune_optuna.py"
 STUDY = "shared"
 TRIALS_PER_WORKER = 2

@@ -25,10 +25,10 @@ from sb3_trpo import NPG, TRPO
 from sb3_trpo.hyperparams import config_entry, sample_npg_params, sample_trpo_params, target_kl_schedule
 from sb3_trpo.tuning.signals import WorkerStopped
 from sb3_trpo.zoo import CONFIG_DIR, CheckedExperimentManager, main, register
+from tests.helpers import REPO
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-REPO = Path(__file__).resolve().parents[1]
 LISTED_ENVS = [
     "CartPole-v1",
     "Acrobot-v1",
