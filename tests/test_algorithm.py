@@ -286,7 +286,7 @@ def test_critic_fit_never_moves_a_shared_features_extractor() -> None:
     model.learn(64)
     actor_before, critic_before = actor_vector(model), critic_vector(model)
     model._fit_critic(update=2)
-    model._critic_fit.wait()  # the fit may run in the background (the default)
+    model.finish_critic_fit()  # the fit may run in the background (the default)
     assert th.equal(actor_before, actor_vector(model))
     assert not th.equal(critic_before, critic_vector(model))
 
@@ -379,8 +379,9 @@ def test_background_critic_fit_gives_the_sequential_weights_and_optimizer_state(
         return model
 
     sequential, background = run(False), run(True)
-    worker = background._critic_fit.worker
-    assert worker is not None and worker._process.is_alive()
+    worker = background.critic_fitter.worker
+    assert worker is not None and worker.alive
+    os.kill(worker.pid, 0)  # the worker process runs: ProcessLookupError otherwise
     for a, b in zip(sequential.policy.parameters(), background.policy.parameters(), strict=True):
         assert th.equal(a, b)
     states = sequential.policy.optimizer.state_dict()["state"], background.policy.optimizer.state_dict()["state"]
@@ -392,7 +393,7 @@ def test_background_critic_fit_gives_the_sequential_weights_and_optimizer_state(
     loaded = TRPO.load(tmp_path / "model", env=make_vec_env("Pendulum-v1"))
     assert loaded.background_critic_fit
     assert all(th.equal(a, b) for a, b in zip(loaded.policy.parameters(), background.policy.parameters(), strict=True))
-    background._critic_fit.close()
+    background.critic_fitter.close()
 
 
 def test_zero_critic_updates_leave_the_critic_unchanged() -> None:

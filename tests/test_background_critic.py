@@ -28,9 +28,13 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 
 import sb3_trpo.common.critic as critic
+import sb3_trpo.common.critic_fitter as critic_fitter
+import sb3_trpo.common.critic_worker as critic_worker
+import sb3_trpo.common.os_process as os_process
 import sb3_trpo.common.rollout as rollout
 from sb3_trpo import TRPO, MaskableTRPO, NonFiniteError, RecurrentTRPO
-from sb3_trpo.common.critic import CriticSnapshot, background_unavailable, regress
+from sb3_trpo.common.critic import CriticSnapshot, regress
+from sb3_trpo.common.critic_worker import background_unavailable
 from tests.helpers import exited, recording_logger
 
 SMALL = dict(n_steps=64, batch_size=8, n_critic_updates=30, seed=0, policy_kwargs=dict(net_arch=[16]))
@@ -38,7 +42,7 @@ CHILD_TIMEOUT_S = 120
 
 
 def worker_pid(model: TRPO) -> int | None:
-    worker = model._critic_fit.worker
+    worker = model.critic_fitter.worker
     return None if worker is None else worker.pid
 
 
@@ -80,7 +84,7 @@ def batched_rollout_with_test_callbacks(monkeypatch: pytest.MonkeyPatch) -> None
 def background_model() -> Iterator[TRPO]:
     model = TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=True, **SMALL)
     yield model
-    model._critic_fit.close()
+    model.critic_fitter.close()
 
 
 def _default_sigint() -> None:
@@ -126,7 +130,7 @@ from sb3_trpo import TRPO
 SMALL = {SMALL!r}
 
 def worker_pid(model):
-    return model._critic_fit.worker.pid
+    return model.critic_fitter.worker.pid
 
 class Ready(BaseCallback):
     # At the first step of update 3's rollout (update 2's fit is in the worker): say so, then wait.
@@ -204,13 +208,13 @@ def test_a_lost_worker_is_replaced_by_the_fit_in_this_process_from_the_same_stat
     background_model: TRPO, fault: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if fault == "SIGSTOP":
-        monkeypatch.setattr(critic, "_POLL_S", 0.05)
-        monkeypatch.setattr(critic, "_STALL_POLLS", 20)
+        monkeypatch.setattr(critic_worker, "_POLL_S", 0.05)
+        monkeypatch.setattr(critic_worker, "_STALL_POLLS", 20)
         # At the lowest priority, the other test processes of a busy run can leave the worker
         # without CPU time for a second before the fault: only the stopped worker should stall.
-        monkeypatch.setattr(critic, "_lowest_priority", lambda: None)
+        monkeypatch.setattr(critic_worker, "lowest_priority", lambda: None)
     training_process, calls_in_the_worker = os.getpid(), []
-    fit_critic = critic.fit_critic
+    fit_critic = critic_worker.fit_critic
 
     def failing_in_the_worker_at_its_second_fit(*args, **kwargs):
         if os.getpid() != training_process:
@@ -220,7 +224,7 @@ def test_a_lost_worker_is_replaced_by_the_fit_in_this_process_from_the_same_stat
         return fit_critic(*args, **kwargs)
 
     if fault == "exception":
-        monkeypatch.setattr(critic, "fit_critic", failing_in_the_worker_at_its_second_fit)
+        monkeypatch.setattr(critic_worker, "fit_critic", failing_in_the_worker_at_its_second_fit)
     workers = []
 
     def hurt_worker(model: TRPO) -> None:
@@ -259,7 +263,7 @@ def test_save_copy_and_pickle_during_a_rollout_see_the_fitted_critic(background_
     copied = copies["deepcopy"]
     copied.learn(2 * SMALL["n_steps"])
     assert worker_pid(copied) not in (None, worker_pid(background_model))
-    copied._critic_fit.close()
+    copied.critic_fitter.close()
 
 
 def test_deleting_models_stops_their_workers() -> None:
@@ -308,7 +312,7 @@ def test_set_env_and_set_parameters_keep_the_background_fit_exact() -> None:
     background = run(True)
     assert worker_pid(background) is not None
     assert same_weights_and_optimizer_state(background, run(False))
-    background._critic_fit.close()
+    background.critic_fitter.close()
 
 
 def test_non_finite_critic_fit_restores_the_weights_and_the_optimizer_state() -> None:
@@ -336,17 +340,17 @@ def test_non_finite_background_fit_raises_and_restores_the_shared_optimizer_stat
     assert all(th.equal(a, b) for a, b in zip(model.critic_parameters, weights, strict=True))
     after = model.policy.optimizer.state_dict()["state"]
     assert before["state"] == {} and all(float(state["step"]) == 0 and not state["exp_avg"].any() for state in after.values())
-    model._critic_fit.close()
+    model.critic_fitter.close()
 
 
 def test_auto_fits_in_the_background_only_where_it_can_and_pays(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert TRPO("MlpPolicy", "Pendulum-v1", **SMALL)._critic_fit.background == (len(os.sched_getaffinity(0)) >= 2)
-    assert not TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=False, **SMALL)._critic_fit.background
+    assert TRPO("MlpPolicy", "Pendulum-v1", **SMALL).critic_fitter.background == (len(os.sched_getaffinity(0)) >= 2)
+    assert not TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=False, **SMALL).critic_fitter.background
     rmsprop = dict(optimizer_class=th.optim.RMSprop, net_arch=[16])
-    assert not TRPO("MlpPolicy", "Pendulum-v1", **{**SMALL, "policy_kwargs": rmsprop})._critic_fit.background
+    assert not TRPO("MlpPolicy", "Pendulum-v1", **{**SMALL, "policy_kwargs": rmsprop}).critic_fitter.background
     assert background_unavailable(th.device("cuda"), th.optim.Adam) == "it runs on the CPU only, and the policy is on cuda"
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    assert not TRPO("MlpPolicy", "Pendulum-v1", **SMALL)._critic_fit.background
+    assert not TRPO("MlpPolicy", "Pendulum-v1", **SMALL).critic_fitter.background
 
 
 def test_true_is_refused_where_it_cannot_run_and_degrades_on_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -356,13 +360,13 @@ def test_true_is_refused_where_it_cannot_run_and_degrades_on_load(monkeypatch: p
     with pytest.raises(ValueError, match=r'^background_critic_fit must be True, False or "auto", got 1'):
         TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=1, **SMALL)  # type: ignore[arg-type]
     TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=True, **SMALL).save(tmp_path / "model")
-    monkeypatch.setattr(critic.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
+    monkeypatch.setattr(critic_worker.multiprocessing, "get_all_start_methods", lambda: ["spawn"])
     with pytest.raises(ValueError, match=r"^background_critic_fit=True cannot run: this platform cannot fork"):
         TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=True, **SMALL)
-    assert not TRPO("MlpPolicy", "Pendulum-v1", **SMALL)._critic_fit.background
+    assert not TRPO("MlpPolicy", "Pendulum-v1", **SMALL).critic_fitter.background
     with pytest.warns(RuntimeWarning, match="background_critic_fit=True cannot run here .this platform cannot fork"):
         loaded = TRPO.load(tmp_path / "model", env=make_vec_env("Pendulum-v1"))
-    assert loaded.background_critic_fit is True and not loaded._critic_fit.background
+    assert loaded.background_critic_fit is True and not loaded.critic_fitter.background
     loaded.learn(SMALL["n_steps"])
     assert np.isfinite(loaded.logger.name_to_value["train/value_loss"])
 
@@ -378,56 +382,56 @@ def test_variants_whose_rollout_reads_the_critic_refuse_true_and_fit_here_on_aut
     with pytest.raises(ValueError, match=rf"^background_critic_fit must be False for {algorithm.__name__}"):
         algorithm(policy, env, background_critic_fit=True, n_steps=64)
     model = algorithm(policy, env, n_steps=64, batch_size=32, seed=0)
-    assert model.background_critic_fit == "auto" and not model._critic_fit.background
+    assert model.background_critic_fit == "auto" and not model.critic_fitter.background
 
 
 def test_spare_cpus_count_idle_time_and_the_workers_time_over_the_interval(monkeypatch: pytest.MonkeyPatch) -> None:
     tick_s = 1 / os.sysconf("SC_CLK_TCK")
-    earlier = critic.CpuSample(wall_s=10.0, idle_ticks=1000, worker=7, worker_ticks=50)
-    idle_half_the_time = critic.CpuSample(wall_s=12.0, idle_ticks=1000 + round(1.0 / tick_s), worker=7, worker_ticks=50)
+    earlier = critic_fitter.CpuSample(wall_s=10.0, idle_ticks=1000, worker=7, worker_ticks=50)
+    idle_half_the_time = critic_fitter.CpuSample(wall_s=12.0, idle_ticks=1000 + round(1.0 / tick_s), worker=7, worker_ticks=50)
     assert idle_half_the_time.spare_cpus_since(earlier) == pytest.approx(0.5)
     # The worker's CPU time was nobody else's (it runs at the lowest priority): spare as well.
-    worker_busy = critic.CpuSample(wall_s=12.0, idle_ticks=1000, worker=7, worker_ticks=50 + round(1.5 / tick_s))
+    worker_busy = critic_fitter.CpuSample(wall_s=12.0, idle_ticks=1000, worker=7, worker_ticks=50 + round(1.5 / tick_s))
     assert worker_busy.spare_cpus_since(earlier) == pytest.approx(0.75)
-    other_worker = critic.CpuSample(wall_s=12.0, idle_ticks=1000, worker=8, worker_ticks=10**6)
+    other_worker = critic_fitter.CpuSample(wall_s=12.0, idle_ticks=1000, worker=8, worker_ticks=10**6)
     assert other_worker.spare_cpus_since(earlier) == 0
-    too_short = critic.CpuSample(wall_s=10.01, idle_ticks=2000, worker=7, worker_ticks=50)
+    too_short = critic_fitter.CpuSample(wall_s=10.01, idle_ticks=2000, worker=7, worker_ticks=50)
     assert too_short.spare_cpus_since(earlier) is None
-    unknown = critic.CpuSample(wall_s=12.0, idle_ticks=None, worker=7, worker_ticks=50)
+    unknown = critic_fitter.CpuSample(wall_s=12.0, idle_ticks=None, worker=7, worker_ticks=50)
     assert unknown.spare_cpus_since(earlier) is None
     # /proc/stat: idle and iowait of the process's CPUs only.
     stat = "cpu  9 9 9 9 9 9 9 9 9 9\ncpu0 1 2 3 40 5 6 7 8 9 10\ncpu1 1 2 3 400 50 6 7 8 9 10\nintr 1\n"
-    monkeypatch.setattr(critic, "open", lambda *args: __import__("io").BytesIO(stat.encode()), raising=False)
-    assert critic._idle_cpu_ticks({1}) == 450 and critic._idle_cpu_ticks({0, 1}) == 495
+    monkeypatch.setattr(os_process, "open", lambda *args: __import__("io").BytesIO(stat.encode()), raising=False)
+    assert os_process.idle_cpu_ticks({1}) == 450 and os_process.idle_cpu_ticks({0, 1}) == 495
 
 
 @pytest.mark.parametrize("spare_s_per_s", [0.0, 0.4, 0.6])
 def test_auto_sends_a_fit_to_the_worker_only_after_a_rollout_that_left_a_cpu_spare(
     monkeypatch: pytest.MonkeyPatch, spare_s_per_s: float
 ) -> None:
-    if not critic.background_pays():
+    if not critic_fitter.background_pays():
         pytest.skip("auto fits in the background only with two CPUs")
     # A machine whose CPUs are idle spare_s_per_s of every second; each sample a second after the previous one.
     samples = iter(range(10**6))
 
-    def sample(cls, worker: int | None) -> critic.CpuSample:
+    def sample(cls, worker: int | None) -> critic_fitter.CpuSample:
         wall_s = float(next(samples))
-        return critic.CpuSample(wall_s, round(wall_s * spare_s_per_s * os.sysconf("SC_CLK_TCK")), worker, 0)
+        return critic_fitter.CpuSample(wall_s, round(wall_s * spare_s_per_s * os.sysconf("SC_CLK_TCK")), worker, 0)
 
-    monkeypatch.setattr(critic.CpuSample, "now", classmethod(sample))
+    monkeypatch.setattr(critic_fitter.CpuSample, "now", classmethod(sample))
     model = TRPO("MlpPolicy", "Pendulum-v1", **SMALL)
     submitted = []
-    submit = critic.BackgroundCriticFit.submit
+    send = critic_worker.CriticWorker.send
     monkeypatch.setattr(
-        critic.BackgroundCriticFit, "submit", lambda worker, job: submitted.append(model._n_updates + 1) or submit(worker, job)
+        critic_worker.CriticWorker, "send", lambda worker, job: submitted.append(model._n_updates + 1) or send(worker, job)
     )
     model.learn(4 * SMALL["n_steps"])
     # The first rollout is measured from the model's construction; the last fit runs here (no rollout follows it).
-    if spare_s_per_s >= critic.AUTO_MIN_SPARE_CPUS:
+    if spare_s_per_s >= critic_fitter.AUTO_MIN_SPARE_CPUS:
         assert submitted == [1, 2, 3]
-        model._critic_fit.close()
+        model.critic_fitter.close()
     else:
-        assert submitted == [] and model._critic_fit.worker is None  # no worker was started
+        assert submitted == [] and model.critic_fitter.worker is None  # no worker was started
     assert same_weights_and_optimizer_state(model, sequential_reference(4))
 
 
@@ -455,15 +459,16 @@ def test_a_fit_unfinished_at_the_end_of_the_rollout_is_finished_here_with_the_sa
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     slow_minibatches_in_the_worker(monkeypatch, 0.01, at_least=5)
-    model = TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=True, **SMALL)
+    training_process, fit_critic = os.getpid(), critic_fitter.fit_critic
     worker_minibatches: list[int | None] = []  # of each fit finished here: how many the worker had fitted
-    fit_here = model._critic_fit._fit_here
 
-    def recorded(job, before=None, losses=None):
-        worker_minibatches.append(None if losses is None else len(losses))
-        return fit_here(job, before, losses)
+    def recorded(policy, optimizer, parameters, job, before=None, losses=None, stop=None):
+        if os.getpid() == training_process:
+            worker_minibatches.append(None if losses is None else len(losses))
+        return fit_critic(policy, optimizer, parameters, job, before, losses, stop)
 
-    monkeypatch.setattr(model._critic_fit, "_fit_here", recorded)
+    monkeypatch.setattr(critic_fitter, "fit_critic", recorded)
+    model = TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=True, **SMALL)
     logger = recording_logger(model)
     model.learn(4 * SMALL["n_steps"])
     minibatches = SMALL["n_critic_updates"] * SMALL["n_steps"] // SMALL["batch_size"]
@@ -471,14 +476,14 @@ def test_a_fit_unfinished_at_the_end_of_the_rollout_is_finished_here_with_the_sa
     # last one ran here from its start (no rollout follows it).
     assert len(worker_minibatches) == 4 and worker_minibatches[3] is None, worker_minibatches
     assert all(5 <= done < minibatches for done in worker_minibatches[:3]), worker_minibatches
-    assert worker_pid(model) is not None and model._critic_fit.background
+    assert worker_pid(model) is not None and model.critic_fitter.background
     assert same_weights_and_optimizer_state(model, sequential_reference(4))
     reference = TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=False, **SMALL)
     reference_logger = recording_logger(reference)
     reference.learn(4 * SMALL["n_steps"])
     losses = logger.values("train/value_loss")
     assert len(losses) == 4 and losses == reference_logger.values("train/value_loss")
-    model._critic_fit.close()
+    model.critic_fitter.close()
 
 
 def test_the_worker_runs_only_on_cpu_time_nobody_else_wants(background_model: TRPO) -> None:
@@ -496,9 +501,9 @@ def test_the_worker_works_with_descriptors_numbered_above_1024() -> None:
     spare = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
     try:
         model = TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=True, **SMALL).learn(3 * SMALL["n_steps"])
-        assert model._critic_fit.worker._connection.fileno() > 1024
+        assert model.critic_fitter.worker.fileno() > 1024
         assert same_weights_and_optimizer_state(model, sequential_reference(3))
-        model._critic_fit.close()
+        model.critic_fitter.close()
     finally:
         for descriptor in spare:
             os.close(descriptor)

@@ -65,7 +65,7 @@ def test_update_on_cuda_equals_update_on_cpu(
         np.random.seed(1)
         th.manual_seed(1)
         model.train()
-        model._critic_fit.wait()  # the CPU model fits its critic in the background by default
+        model.finish_critic_fit()  # the CPU model fits its critic in the background by default
     cpu_actor, cpu_critic = actor_vector(on_cpu), critic_vector(on_cpu)
     cuda_actor, cuda_critic = actor_vector(on_cuda), critic_vector(on_cuda)
     cpu_step = cpu_actor - before_actor
@@ -115,11 +115,11 @@ def test_model_trained_on_cuda_loads_on_cpu_with_the_same_actions(tmp_path: Path
 def test_background_critic_fit_is_refused_on_cuda_and_a_model_saved_with_it_loads_there(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"^background_critic_fit=True cannot run: it runs on the CPU only"):
         TRPO("MlpPolicy", "Pendulum-v1", device="cuda", background_critic_fit=True)
-    assert not TRPO("MlpPolicy", "Pendulum-v1", device="cuda", **SMALL)._critic_fit.background  # "auto"
+    assert not TRPO("MlpPolicy", "Pendulum-v1", device="cuda", **SMALL).critic_fitter.background  # "auto"
     TRPO("MlpPolicy", "Pendulum-v1", device="cpu", background_critic_fit=True, **SMALL).save(tmp_path / "model")
     # load() builds the model with device="auto", the GPU here, as rl-zoo3's enjoy does.
     with pytest.warns(RuntimeWarning, match=r"^background_critic_fit=True cannot run here \(it runs on the CPU only"):
         loaded = TRPO.load(tmp_path / "model", env=make_vec_env("Pendulum-v1"))
-    assert loaded.device.type == "cuda" and not loaded._critic_fit.background
+    assert loaded.device.type == "cuda" and not loaded.critic_fitter.background
     loaded.learn(SMALL["n_steps"])
     assert all_finite(loaded)

@@ -39,7 +39,7 @@ def actor_steps(env_id: str, fisher: str, **overrides: object) -> tuple[th.Tenso
     reference.train()
     np.random.seed(0)
     ours.train()
-    ours._critic_fit.wait()  # the critic fit may run in the background (the default): train() only started it
+    ours.finish_critic_fit()  # the critic fit may run in the background (the default): train() only started it
     reference_step = parameter_vector(reference_params[n] for n in names) - before
     our_step = actor_vector(ours) - before
     critic_gap = parameter_vector(reference_params[n] for n in critic_names) - critic_vector(ours)

@@ -61,7 +61,7 @@ import yaml
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
 
-from sb3_trpo.common.critic import exit_with_parent
+from sb3_trpo.common.os_process import exit_with_parent
 from sb3_trpo.hyperparams import target_kl_schedule
 
 IMPLEMENTATIONS = {"sb3_trpo": "sb3_trpo:TRPO", "sb3_contrib": "sb3_contrib:TRPO"}

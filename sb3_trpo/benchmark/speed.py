@@ -142,10 +142,10 @@ def measure(
     total = time.perf_counter() - start
     env.close()
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    worker = getattr(model, "_critic_fit", None) and model._critic_fit.worker
-    if worker is not None:
-        peak_kb += _private_kb(worker.pid)
-        model._critic_fit.close()
+    fitter = getattr(model, "critic_fitter", None)  # sb3_trpo's models only
+    if fitter is not None and fitter.worker is not None:
+        peak_kb += _private_kb(fitter.worker.pid)
+        fitter.close()
     return dict(
         steps_per_s=model.num_timesteps / total,
         peak_rss_mb=peak_kb / 1024,

@@ -9,6 +9,7 @@ sequences with a validity mask) that the methods here apply.
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import pathlib
 import warnings
@@ -29,15 +30,9 @@ from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
-from sb3_trpo.common.critic import (
-    BackgroundSetting,
-    CriticFit,
-    CriticFitJob,
-    background_pays,
-    background_unavailable,
-    check_background_setting,
-    index_observations,
-)
+from sb3_trpo.common.critic import CriticJob, index_observations
+from sb3_trpo.common.critic_fitter import BackgroundSetting, CriticFitter, background_pays, check_background_setting
+from sb3_trpo.common.critic_worker import background_unavailable
 from sb3_trpo.common.distributions import distribution_fisher_vector_product, kl_terms
 from sb3_trpo.common.loading import check_saved_by_trust_region, plain_load_errors, read_saved_data, unknown_policy_error
 from sb3_trpo.common.policies import split_actor_critic
@@ -201,7 +196,7 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         value loss of an update is logged with the next one. ``"auto"`` (the default) does so
         on Linux, on the CPU, with Adam/AdamW and at least two CPUs in the process's affinity,
         for each fit whose previous rollout left at least half a CPU idle (``/proc/stat``; see
-        :class:`~sb3_trpo.common.critic.CriticFit`): trainings that keep the CPUs busy never
+        :class:`~sb3_trpo.common.critic_fitter.CriticFitter`): trainings that keep the CPUs busy never
         start a worker. ``True`` always uses it (a ``ValueError`` where it cannot run; a model
         loaded where it cannot run fits in the training process, with a warning), ``False``
         never. The worker moves the policy's weights and the critic's Adam state to shared
@@ -321,7 +316,7 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         self.background_critic_fit = background_critic_fit
         self.actor_parameters: list[nn.Parameter] = []
         self.critic_parameters: list[nn.Parameter] = []
-        self._critic_fit: CriticFit | None = None
+        self._critic_fitter: CriticFitter | None = None
 
         if _init_setup_model:
             self._setup_model()
@@ -391,7 +386,7 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
             **self.rollout_buffer_kwargs,
         )
         self.actor_parameters, self.critic_parameters = self._split_actor_critic()
-        self._critic_fit = CriticFit(
+        self._critic_fitter = CriticFitter(
             self.policy,
             self.critic_parameters,
             background=self._fits_critic_in_background(),
@@ -427,7 +422,12 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
     ) -> bool:
         """Collect ``n_rollout_steps`` per environment as SB3 does (see :func:`sb3_trpo.common.rollout.collect_rollout`)."""
         return collect_rollout(
-            self, env, callback, rollout_buffer, n_rollout_steps, wait_for_critic=self._finish_rollout_critic_fit
+            self,
+            env,
+            callback,
+            rollout_buffer,
+            n_rollout_steps,
+            wait_for_critic=functools.partial(self.finish_critic_fit, rollout_end=True),
         )
 
     # ------------------------------------------------------------------ update
@@ -584,43 +584,55 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
 
         :return: the mean value loss, or None when the fit runs in the background
         """
-        assert self._critic_fit is not None, "the model is not set up"
         learning_rate = self.policy.optimizer.param_groups[0]["lr"]
-        job = CriticFitJob.from_rollout(self.rollout_buffer, self.n_critic_updates, self.batch_size, learning_rate)
+        job = CriticJob.from_rollout(self.rollout_buffer, self.n_critic_updates, self.batch_size, learning_rate)
         # After the last update of learn() no rollout follows to overlap with (and callbacks
         # reading the logger at the end of training see its value loss).
-        return self._critic_fit.run(job, update, overlap=self.num_timesteps < self._total_timesteps)
+        return self.critic_fitter.start(job, update, overlap=self.num_timesteps < self._total_timesteps)
 
-    def _finish_critic_fit(self, rollout_end: bool = False) -> None:
-        """Wait for a critic fit running in the background and log its loss."""
-        loss = None if self._critic_fit is None else self._critic_fit.wait(rollout_end)
+    @property
+    def critic_fitter(self) -> CriticFitter:
+        """Where the critic fits run (in this process or in its background worker), and that worker."""
+        assert self._critic_fitter is not None, "the model is not set up"
+        return self._critic_fitter
+
+    def finish_critic_fit(self, rollout_end: bool = False) -> None:
+        """Finish a critic fit started in the background (see ``background_critic_fit``) and log its value loss.
+
+        ``learn``, ``save``, copying and the end of each rollout call it; code that reads the
+        critic while ``learn`` runs (a callback) or after its own call of ``train`` calls it first.
+
+        :param rollout_end: this is the end of the rollout that followed the fit (with
+            ``background_critic_fit="auto"``, the CPU time the rollout left idle decides where the next fit runs)
+        """
+        if self._critic_fitter is None:
+            return
+        self._critic_fitter.finish(rollout_end)
+        loss = self._critic_fitter.take_loss()
         if loss is not None:
             self.logger.record("train/value_loss", loss)
 
-    def _finish_rollout_critic_fit(self) -> None:
-        self._finish_critic_fit(rollout_end=True)
-
     def _excluded_save_params(self) -> list[str]:
         # The parameter lists are derived from the policy, saved in policy.pth, and rebuilt by _setup_model on load.
-        return [*super()._excluded_save_params(), "_critic_fit", "actor_parameters", "critic_parameters"]
+        return [*super()._excluded_save_params(), "_critic_fitter", "actor_parameters", "critic_parameters"]
 
     def __getstate__(self) -> dict[str, Any]:
         # Copies and pickles take the weights after a fit running in the worker (deepcopy
-        # copies the policy before it reaches the critic fit's own __getstate__).
-        critic_fit = self.__dict__.get("_critic_fit")
-        if critic_fit is not None:
-            critic_fit.collect()
+        # copies the policy before it reaches the critic fitter's own __getstate__).
+        critic_fitter = self.__dict__.get("_critic_fitter")
+        if critic_fitter is not None:
+            critic_fitter.finish()
         return self.__dict__.copy()
 
     def save(self, *args: Any, **kwargs: Any) -> None:
-        self._finish_critic_fit()
+        self.finish_critic_fit()
         super().save(*args, **kwargs)
 
     def set_parameters(self, *args: Any, **kwargs: Any) -> None:
         # Loading replaces the optimizer state that a background worker shares.
-        if self._critic_fit is not None:
-            self._finish_critic_fit()
-            self._critic_fit.close()
+        if self._critic_fitter is not None:
+            self.finish_critic_fit()
+            self._critic_fitter.close()
         super().set_parameters(*args, **kwargs)
 
     # ------------------------------------------------------------------ logging
@@ -655,4 +667,4 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
             )
         finally:
             # The model a user gets back has its critic fitted.
-            self._finish_critic_fit()
+            self.finish_critic_fit()

@@ -74,7 +74,7 @@ class NPG(TrustRegionAlgorithm):
         value loss of an update is logged with the next one. ``"auto"`` (the default) does so
         on Linux, on the CPU, with Adam/AdamW and at least two CPUs in the process's affinity,
         for each fit whose previous rollout left at least half a CPU idle (``/proc/stat``; see
-        :class:`~sb3_trpo.common.critic.CriticFit`): trainings that keep the CPUs busy never
+        :class:`~sb3_trpo.common.critic_fitter.CriticFitter`): trainings that keep the CPUs busy never
         start a worker. ``True`` always uses it (a ``ValueError`` where it cannot run; a model
         loaded where it cannot run fits in the training process, with a warning), ``False``
         never. The worker moves the policy's weights and the critic's Adam state to shared

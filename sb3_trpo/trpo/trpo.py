@@ -9,7 +9,7 @@ from stable_baselines3.common.buffers import RolloutBuffer
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
-from sb3_trpo.common.critic import BackgroundSetting
+from sb3_trpo.common.critic_fitter import BackgroundSetting
 from sb3_trpo.common.trust_region import LineSearchResult, backtracking_line_search
 from sb3_trpo.common.trust_region_algorithm import Restore, StepEvaluation
 from sb3_trpo.common.validation import check_hyperparameters
@@ -76,7 +76,7 @@ class TRPO(NPG):
         value loss of an update is logged with the next one. ``"auto"`` (the default) does so
         on Linux, on the CPU, with Adam/AdamW and at least two CPUs in the process's affinity,
         for each fit whose previous rollout left at least half a CPU idle (``/proc/stat``; see
-        :class:`~sb3_trpo.common.critic.CriticFit`): trainings that keep the CPUs busy never
+        :class:`~sb3_trpo.common.critic_fitter.CriticFitter`): trainings that keep the CPUs busy never
         start a worker. ``True`` always uses it (a ``ValueError`` where it cannot run; a model
         loaded where it cannot run fits in the training process, with a warning), ``False``
         never. The worker moves the policy's weights and the critic's Adam state to shared

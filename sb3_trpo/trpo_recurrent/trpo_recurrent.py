@@ -25,7 +25,8 @@ from stable_baselines3.common.type_aliases import GymEnv, PyTorchObs, Schedule
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
-from sb3_trpo.common.critic import BackgroundSetting, checked_critic_loss, regress
+from sb3_trpo.common.critic import checked_critic_loss, regress
+from sb3_trpo.common.critic_fitter import BackgroundSetting
 from sb3_trpo.common.policies import split_actor_critic
 from sb3_trpo.common.trust_region_algorithm import PolicyBatch
 from sb3_trpo.trpo.trpo import TRPO
