@@ -217,3 +217,66 @@ def test_lazy_locals_compute_on_every_kind_of_read() -> None:
     target.update(fresh())
     assert type(dict.__getitem__(target, "b")) is rollout_locals.Deferred  # copied uncomputed
     assert fresh() == {"a": 1, "b": 2}
+
+
+# ------------------------------------------------------------------ with the critic's background fit
+SMALL = dict(n_steps=64, batch_size=32, n_critic_updates=10, seed=0, policy_kwargs=dict(net_arch=[16]))
+
+
+class SeesTheFit(BaseCallback):
+    """Records, at the first step of each rollout, whether a critic fit was running in the background,
+    and optionally reads the step's values (which needs the fitted critic)."""
+
+    def __init__(self, read_values: bool) -> None:
+        super().__init__()
+        self.read_values = read_values
+        self.in_progress: list[bool] = []
+        self.values: list[th.Tensor] = []
+
+    def _on_step(self) -> bool:
+        if self.model.rollout_buffer.pos == 0:
+            self.in_progress.append(self.model.critic_fitter.in_progress)
+            if self.read_values:
+                self.values.append(self.locals["values"].clone())
+        return True
+
+
+@pytest.mark.parametrize("read_values", [False, True], ids=["no-read", "reads-values"])
+def test_the_background_fit_overlaps_rollouts_with_user_callbacks(read_values: bool) -> None:
+    callbacks = [SeesTheFit(read_values) for _ in range(2)]
+    background, sequential = (
+        TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=setting, **SMALL).learn(4 * SMALL["n_steps"], callback=callback)
+        for setting, callback in zip((True, False), callbacks, strict=True)
+    )
+    try:
+        # Rollouts 2-4 started with the previous update's fit in the worker (rollout 1 follows no fit).
+        assert callbacks[0].in_progress == [False, True, True, True]
+        assert not any(callbacks[1].in_progress)
+        assert all(th.equal(a, b) for a, b in zip(background.policy.parameters(), sequential.policy.parameters(), strict=True))
+        assert all(th.equal(a, b) for a, b in zip(callbacks[0].values, callbacks[1].values, strict=True))
+    finally:
+        background.critic_fitter.close()
+
+
+class WritesThroughData(Recording):
+    def act(self) -> bool:
+        if self.n_calls == K:
+            self.model.policy.action_net.bias.data.add_(0.5)
+        return True
+
+
+class AddsHook(Recording):
+    def act(self) -> bool:
+        if self.n_calls == K:
+            self.model.policy.action_net.register_forward_hook(lambda *_: None)
+        return True
+
+
+@pytest.mark.parametrize("callback", [WritesThroughData, AddsHook], ids=["data-write", "new-hook"])
+def test_changes_torch_does_not_count_raise_at_the_end_of_the_rollout(callback: type[Recording]) -> None:
+    CALLBACKS["uncounted"] = lambda make_env: callback()
+    try:
+        with pytest.raises(RuntimeError, match="cannot follow"):
+            _run(TRPO.collect_rollouts, "mlp-box", "uncounted")
+    finally:
+        del CALLBACKS["uncounted"]
