@@ -21,8 +21,8 @@ from stable_baselines3.common.torch_layers import FlattenExtractor
 from torch import nn
 
 from sb3_trpo import NPG, RecurrentTRPO
+from sb3_trpo.common.policy_step import PolicyBatch, PolicyStepStats
 from sb3_trpo.common.trust_region import flatten, unflatten
-from sb3_trpo.common.trust_region_algorithm import PolicyBatch, PolicyStepStats
 from sb3_trpo.trpo_mask.trpo_mask import MaskablePolicyBatch
 from sb3_trpo.trpo_recurrent.trpo_recurrent import RecurrentPolicyBatch
 

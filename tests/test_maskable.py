@@ -21,6 +21,7 @@ from stable_baselines3.common.envs import IdentityEnv
 
 from sb3_trpo import MaskableTRPO
 from sb3_trpo.common.distributions import masked_categorical_kl
+from sb3_trpo.common.policy_step import batch_kl
 from sb3_trpo.trpo_mask.trpo_mask import MaskablePolicyBatch
 from tests.helpers import dense_hessian, recording_logger, tiny_double_model
 
@@ -128,7 +129,7 @@ def test_masked_kl_equals_kl_over_valid_actions(kind: str) -> None:
             param.add_(0.3 * th.randn_like(param))
         new = model._distribution(batch)
         per_sample = masked_categorical_kl(old, new)
-        mean_kl = float(model._mean_kl(old, new, batch))
+        mean_kl = float(batch_kl(old, new, batch).mean)
         # The policy returns the same distribution object, re-parametrised: read `new` before this.
         expected = float(kl(model.policy.get_distribution(batch.observations)))
     assert expected > 1e-3

@@ -16,6 +16,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 
 from sb3_trpo import TRPO, RecurrentTRPO
+from sb3_trpo.common.policy_step import batch_kl, surrogate
 from sb3_trpo.common.trust_region import flatten
 from sb3_trpo.trpo_recurrent.trpo_recurrent import RecurrentPolicyBatch
 from tests.helpers import actor_vector, critic_vector, dense_hessian, recording_logger, tiny_double_model
@@ -149,14 +150,14 @@ def test_surrogate_and_kl_ignore_padding(kind: str) -> None:
     with th.no_grad():
         old = copy.copy(model._distribution(batch))
         # At the old policy every ratio is 1: the surrogate is the mean advantage of the real steps.
-        surrogate = float(model._surrogate(model._distribution(batch), batch))
+        objective = float(surrogate(model._distribution(batch), batch))
         for param in model.actor_parameters:
             param.add_(0.2 * th.randn_like(param))
         # The policy returns one distribution object, re-parametrised: use `new` before `reference()`.
-        kl = float(model._mean_kl(old, model._distribution(batch), batch))
+        kl = float(batch_kl(old, model._distribution(batch), batch).mean)
         expected_kl = float(reference())
-    assert surrogate == pytest.approx(float(batch.advantages[batch.mask].mean()), rel=1e-12)
-    assert abs(surrogate - float(batch.advantages.mean())) > 1e-3, "padding carries advantages in this batch"
+    assert objective == pytest.approx(float(batch.advantages[batch.mask].mean()), rel=1e-12)
+    assert abs(objective - float(batch.advantages.mean())) > 1e-3, "padding carries advantages in this batch"
     assert kl == pytest.approx(expected_kl, rel=1e-9)
     assert kl > 1e-4
 

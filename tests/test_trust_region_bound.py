@@ -20,8 +20,8 @@ from stable_baselines3.common.envs import IdentityEnv, IdentityEnvMultiBinary, I
 
 import sb3_trpo.common.trust_region_algorithm as trust_region_algorithm
 from sb3_trpo import NPG, TRPO, MaskableTRPO, RecurrentTRPO
+from sb3_trpo.common.policy_step import ActorStep, PolicyBatch
 from sb3_trpo.common.trust_region import flatten
-from sb3_trpo.common.trust_region_algorithm import PolicyBatch
 from tests.helpers import SMALL, Reach, RecordedUpdate, learn_recording
 
 FAMILIES: dict[str, Callable[[], gym.Env]] = {
@@ -126,10 +126,12 @@ def test_kl_is_measured_from_the_new_policy_to_the_old() -> None:
             observations=obs, actions=actions, old_log_prob=old_distribution.log_prob(actions), advantages=th.randn(32)
         )
     full_step = flatten([log_std_step if p is model.policy.log_std else th.zeros_like(p) for p in model.actor_parameters])
-    evaluate, restore, _ = model._step_evaluation(batch, full_step, old_distribution)
-    _, kl = evaluate(1.0)
+    step = ActorStep(model.actor_parameters, full_step, model._distribution, batch, old_distribution)
+    _, kl = step.evaluate(1.0)
     assert kl == pytest.approx(forward, rel=1e-5)
+    # The log-std does not depend on the state: every state's KL is the mean KL.
+    assert step.largest_state_kl == pytest.approx(forward, rel=1e-5)
     # Every surrogate counts as an improvement here: the KL alone decides, and it rejects the full step.
-    result = model._take_step(evaluate, restore, -math.inf)
+    result = model._take_step(step.evaluate, step.restore, -math.inf)
     assert result.step_fraction == pytest.approx(model.line_search_shrinking_factor)
     assert result.kl == pytest.approx(float(((1.6 * log_std_step).exp() - 1 - 1.6 * log_std_step).mean() / 2), rel=1e-5)

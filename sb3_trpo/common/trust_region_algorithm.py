@@ -13,8 +13,6 @@ import functools
 import io
 import pathlib
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 import torch as th
@@ -22,10 +20,9 @@ from gymnasium import spaces
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import Distribution
-from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
-from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, PyTorchObs, Schedule
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
@@ -33,9 +30,19 @@ from torch import nn
 from sb3_trpo.common.critic import CriticJob, index_observations
 from sb3_trpo.common.critic_fitter import BackgroundSetting, CriticFitter, background_pays, check_background_setting
 from sb3_trpo.common.critic_worker import background_unavailable
-from sb3_trpo.common.distributions import distribution_fisher_vector_product, kl_terms
+from sb3_trpo.common.distributions import distribution_fisher_vector_product
 from sb3_trpo.common.loading import check_saved_by_trust_region, plain_load_errors, read_saved_data, unknown_policy_error
 from sb3_trpo.common.policies import split_actor_critic
+from sb3_trpo.common.policy_step import (
+    ActorStep,
+    PolicyBatch,
+    PolicyStepStats,
+    Restore,
+    StepEvaluation,
+    batch_kl,
+    normalized_advantages,
+    surrogate,
+)
 from sb3_trpo.common.rollout import actions_for_log_prob, collect_rollout
 from sb3_trpo.common.trust_region import (
     LineSearchResult,
@@ -46,7 +53,6 @@ from sb3_trpo.common.trust_region import (
     kl_hessian_vector_product,
     max_step_size,
     no_step,
-    unflatten,
 )
 from sb3_trpo.common.validation import (
     NonFiniteError,
@@ -59,80 +65,6 @@ from sb3_trpo.common.validation import (
 )
 
 SelfTrustRegionAlgorithm = TypeVar("SelfTrustRegionAlgorithm", bound="TrustRegionAlgorithm")
-
-# evaluate(step fraction) -> (surrogate, KL) with the actor moved by that fraction of the full step.
-StepEvaluation = Callable[[float], tuple[float, float]]
-Restore = Callable[[], None]
-
-
-@dataclass(kw_only=True)
-class PolicyBatch:
-    """The data the trust-region step is computed on (variants add the inputs their policies take).
-
-    :param observations: observations, one row per sample
-    :param actions: the actions taken, in the form the distributions take
-    :param old_log_prob: their log-probabilities under the policy that collected them
-    :param advantages: their advantages (normalized if the algorithm normalizes them)
-    :param mask: False on rows that are not samples (the padding of sequences); None when every row is one
-    """
-
-    observations: PyTorchObs
-    actions: th.Tensor
-    old_log_prob: th.Tensor
-    advantages: th.Tensor
-    mask: th.Tensor | None = None
-
-    def mean(self, values: th.Tensor) -> th.Tensor:
-        """Mean of per-row ``values`` over the samples (rows where ``mask`` is True)."""
-        return values.mean() if self.mask is None else values[self.mask].mean()
-
-
-def state_kl(terms: th.Tensor, mask: th.Tensor | None) -> th.Tensor:
-    """The KL of each sample's state: the mean of its KL terms (action dimensions), as the mean KL weighs them."""
-    per_state = terms.reshape(len(terms), -1).mean(dim=1)
-    return per_state if mask is None else per_state[mask]
-
-
-def normalized_advantages(advantages: th.Tensor, mask: th.Tensor | None) -> th.Tensor:
-    """Advantages shifted and scaled to mean 0 and standard deviation 1 over the samples ``mask`` selects."""
-    samples = advantages if mask is None else advantages[mask]
-    return (advantages - samples.mean()) / (samples.std() + 1e-8)
-
-
-@dataclass(frozen=True, kw_only=True)
-class PolicyStepStats:
-    """What one trust-region step did, for the logger."""
-
-    objective_before: float
-    line_search: LineSearchResult
-    cg_residual: float
-    cg_iterations: int
-    expected_improvement: float
-    max_step: float
-    step_norm: float
-    entropy: float | None
-    max_kl: float
-    skipped: bool = False
-
-    def record(self, logger: Logger) -> None:
-        """Record the step under sb3-contrib's keys and the package's diagnostics."""
-        search = self.line_search
-        logger.record("train/policy_objective", search.objective if search.success else self.objective_before)
-        logger.record("train/kl_divergence_loss", search.kl if search.success else 0.0)
-        logger.record("train/is_line_search_success", float(search.success))
-        logger.record("train/line_search_backtracks", search.n_backtracks)
-        logger.record("train/accepted_kl", search.kl)
-        logger.record("train/max_kl", self.max_kl)
-        logger.record("train/cg_residual", self.cg_residual)
-        logger.record("train/cg_iterations", self.cg_iterations)
-        logger.record("train/expected_improvement", self.expected_improvement)
-        logger.record("train/actual_improvement", search.objective - self.objective_before)
-        logger.record("train/max_step_size", self.max_step)
-        logger.record("train/step_norm", self.step_norm)
-        logger.record("train/skipped_update", float(self.skipped))
-        if self.entropy is not None:
-            logger.record("train/entropy", self.entropy)
-
 
 class TrustRegionAlgorithm(OnPolicyAlgorithm):
     """
@@ -474,15 +406,6 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         """The current policy's action distribution on the batch."""
         return self.policy.get_distribution(batch.observations)
 
-    def _surrogate(self, distribution: Distribution, batch: PolicyBatch) -> th.Tensor:
-        """Importance-sampled surrogate ``E[ratio * A]``."""
-        ratio = th.exp(distribution.log_prob(batch.actions) - batch.old_log_prob)
-        return batch.mean(batch.advantages * ratio)
-
-    def _mean_kl(self, p: Distribution, q: Distribution, batch: PolicyBatch) -> th.Tensor:
-        """Mean ``KL(p || q)`` over the batch's samples, averaged over terms as SB3's ``kl_divergence`` gives them."""
-        return batch.mean(kl_terms(p, q))
-
     def current_target_kl(self) -> float:
         """The trust-region radius of the next update: ``target_kl``, or its schedule at the current progress."""
         if callable(self.target_kl):
@@ -495,7 +418,7 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
             old_distribution = copy.copy(self._distribution(batch))
             entropy = old_distribution.entropy()
         distribution = self._distribution(batch)
-        objective = self._surrogate(distribution, batch)
+        objective = surrogate(distribution, batch)
         gradient = flatten(th.autograd.grad(objective, self.actor_parameters, retain_graph=True))
         if not th.isfinite(gradient).all():
             raise NonFiniteError(f"non-finite surrogate gradient in update {update}; the weights were not changed")
@@ -503,65 +426,26 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         fisher = damped(self._fisher_vector_product_fn(batch, distribution, old_distribution), self.cg_damping)
         cg = conjugate_gradient(fisher, gradient, max_iter=self.cg_max_steps, residual_tol=self.cg_residual_tol)
         search_direction = cg.solution
-        objective_before = objective.item()
         max_step = max_step_size(search_direction, fisher(search_direction), self.current_target_kl())
         full_step = max_step * search_direction
-        entropy_value = None if entropy is None else batch.mean(entropy).item()
-        if max_step == 0.0 or not th.isfinite(full_step).all():
-            return PolicyStepStats(
-                objective_before=objective_before,
-                line_search=no_step(objective_before),
-                cg_residual=cg.residual_norm,
-                cg_iterations=cg.n_iterations,
-                expected_improvement=0.0,
-                max_step=0.0,
-                step_norm=0.0,
-                entropy=entropy_value,
-                max_kl=0.0,
-                skipped=True,
-            )
-        evaluate, restore, max_kl = self._step_evaluation(batch, full_step, old_distribution)
-        result = self._take_step(evaluate, restore, objective_before)
+
+        objective_before = objective.item()
+        step = ActorStep(self.actor_parameters, full_step, self._distribution, batch, old_distribution)
+        # A zero maximal step (no positive curvature) or an overflowed one leaves the actor as it is.
+        skipped = max_step == 0.0 or not bool(th.isfinite(full_step).all())
+        result = no_step(objective_before) if skipped else self._take_step(step.evaluate, step.restore, objective_before)
         return PolicyStepStats(
             objective_before=objective_before,
             line_search=result,
             cg_residual=cg.residual_norm,
             cg_iterations=cg.n_iterations,
-            expected_improvement=float(gradient.dot(full_step)) * result.step_fraction,
-            max_step=max_step,
-            step_norm=result.step_fraction * float(full_step.norm()),
-            entropy=entropy_value,
-            max_kl=max_kl() if result.success else 0.0,
+            expected_improvement=0.0 if skipped else float(gradient.dot(full_step)) * result.step_fraction,
+            max_step=0.0 if skipped else max_step,
+            step_norm=0.0 if skipped else result.step_fraction * float(full_step.norm()),
+            entropy=None if entropy is None else batch.mean(entropy).item(),
+            max_kl=step.largest_state_kl if result.success else 0.0,
+            skipped=skipped,
         )
-
-    def _step_evaluation(
-        self, batch: PolicyBatch, full_step: th.Tensor, old_distribution: Distribution
-    ) -> tuple[StepEvaluation, Restore, Callable[[], float]]:
-        """A function that moves the actor by a fraction of ``full_step`` from where it is now and
-        measures surrogate and mean KL there, one that puts the actor back exactly, and one that
-        gives the largest per-state KL of the last evaluation."""
-        original = [param.detach().clone() for param in self.actor_parameters]
-        steps = unflatten(full_step, original)
-        largest_state_kl = [0.0]
-
-        def evaluate(fraction: float) -> tuple[float, float]:
-            with th.no_grad():
-                for param, start, step in zip(self.actor_parameters, original, steps, strict=True):
-                    param.copy_(start + fraction * step)
-                candidate = self._distribution(batch)
-                new_objective = self._surrogate(candidate, batch).item()
-                # KL(new || old), as sb3-contrib measures it (see the class docstring).
-                terms = kl_terms(candidate, old_distribution)
-                kl = batch.mean(terms).item()
-                largest_state_kl[0] = state_kl(terms, batch.mask).max().item()
-            return new_objective, kl
-
-        def restore() -> None:
-            with th.no_grad():
-                for param, start in zip(self.actor_parameters, original, strict=True):
-                    param.copy_(start)
-
-        return evaluate, restore, lambda: largest_state_kl[0]
 
     def _take_step(self, evaluate: StepEvaluation, restore: Restore, objective_before: float) -> LineSearchResult:
         """Apply a fraction of the full step chosen with ``evaluate``, or ``restore`` the actor."""
@@ -575,8 +459,7 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
             product = distribution_fisher_vector_product(distribution, self.actor_parameters, batch.mask)
             if product is not None:
                 return product
-        kl = self._mean_kl(distribution, old_distribution, batch)
-        return kl_hessian_vector_product(kl, self.actor_parameters)
+        return kl_hessian_vector_product(batch_kl(distribution, old_distribution, batch).mean, self.actor_parameters)
 
     # ------------------------------------------------------------------ critic
     def _fit_critic(self, update: int) -> float | None:

@@ -6,8 +6,9 @@ from typing import ClassVar
 
 from stable_baselines3.common.policies import BasePolicy
 
+from sb3_trpo.common.policy_step import Restore, StepEvaluation
 from sb3_trpo.common.trust_region import LineSearchResult, full_step
-from sb3_trpo.common.trust_region_algorithm import Restore, StepEvaluation, TrustRegionAlgorithm
+from sb3_trpo.common.trust_region_algorithm import TrustRegionAlgorithm
 from sb3_trpo.npg.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 
 

@@ -10,8 +10,8 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, Schedule
 
 from sb3_trpo.common.critic_fitter import BackgroundSetting
+from sb3_trpo.common.policy_step import Restore, StepEvaluation
 from sb3_trpo.common.trust_region import LineSearchResult, backtracking_line_search
-from sb3_trpo.common.trust_region_algorithm import Restore, StepEvaluation
 from sb3_trpo.common.validation import check_hyperparameters
 from sb3_trpo.npg.npg import NPG
 

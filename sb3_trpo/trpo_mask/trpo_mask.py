@@ -23,7 +23,7 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import MaybeCallback
 from stable_baselines3.common.vec_env import VecEnv
 
-from sb3_trpo.common.trust_region_algorithm import PolicyBatch
+from sb3_trpo.common.policy_step import PolicyBatch
 from sb3_trpo.trpo.trpo import TRPO
 from sb3_trpo.trpo_mask.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
 

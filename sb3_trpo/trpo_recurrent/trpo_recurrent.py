@@ -28,7 +28,7 @@ from torch import nn
 from sb3_trpo.common.critic import checked_critic_loss, regress
 from sb3_trpo.common.critic_fitter import BackgroundSetting
 from sb3_trpo.common.policies import split_actor_critic
-from sb3_trpo.common.trust_region_algorithm import PolicyBatch
+from sb3_trpo.common.policy_step import PolicyBatch
 from sb3_trpo.trpo.trpo import TRPO
 from sb3_trpo.trpo_recurrent.policies import CnnLstmPolicy, MlpLstmPolicy, MultiInputLstmPolicy
 

@@ -1,0 +1,166 @@
+"""The quantities of one trust-region step: its batch, surrogate and KL, the trial of a step, what it did.
+
+:meth:`sb3_trpo.common.trust_region_algorithm.TrustRegionAlgorithm._policy_step` composes
+them with the pure functions of :mod:`sb3_trpo.common.trust_region`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch as th
+from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.type_aliases import PyTorchObs
+from torch import nn
+
+from sb3_trpo.common.distributions import kl_terms
+from sb3_trpo.common.trust_region import LineSearchResult, unflatten
+
+# evaluate(step fraction) -> (surrogate, KL) with the actor moved by that fraction of the full step.
+StepEvaluation = Callable[[float], tuple[float, float]]
+Restore = Callable[[], None]
+
+
+@dataclass(kw_only=True)
+class PolicyBatch:
+    """The data the trust-region step is computed on (variants add the inputs their policies take).
+
+    :param observations: observations, one row per sample
+    :param actions: the actions taken, in the form the distributions take
+    :param old_log_prob: their log-probabilities under the policy that collected them
+    :param advantages: their advantages (normalized if the algorithm normalizes them)
+    :param mask: False on rows that are not samples (the padding of sequences); None when every row is one
+    """
+
+    observations: PyTorchObs
+    actions: th.Tensor
+    old_log_prob: th.Tensor
+    advantages: th.Tensor
+    mask: th.Tensor | None = None
+
+    def mean(self, values: th.Tensor) -> th.Tensor:
+        """Mean of per-row ``values`` over the samples (rows where ``mask`` is True)."""
+        return values.mean() if self.mask is None else values[self.mask].mean()
+
+
+def normalized_advantages(advantages: th.Tensor, mask: th.Tensor | None) -> th.Tensor:
+    """Advantages shifted and scaled to mean 0 and standard deviation 1 over the samples ``mask`` selects."""
+    samples = advantages if mask is None else advantages[mask]
+    return (advantages - samples.mean()) / (samples.std() + 1e-8)
+
+
+def surrogate(distribution: Distribution, batch: PolicyBatch) -> th.Tensor:
+    """Importance-sampled surrogate ``E[ratio * A]`` of the policy whose action distribution is ``distribution``."""
+    ratio = th.exp(distribution.log_prob(batch.actions) - batch.old_log_prob)
+    return batch.mean(batch.advantages * ratio)
+
+
+def state_kl(terms: th.Tensor, mask: th.Tensor | None) -> th.Tensor:
+    """The KL of each sample's state: the mean of its KL terms (action dimensions), as the mean KL weighs them."""
+    per_state = terms.reshape(len(terms), -1).mean(dim=1)
+    return per_state if mask is None else per_state[mask]
+
+
+class BatchKL(NamedTuple):
+    """``KL(p || q)`` on a batch.
+
+    :param mean: its mean over the samples and over the terms of SB3's ``kl_divergence``
+        (action dimensions of Gaussians and Bernoullis): the KL the trust region bounds
+    :param per_state: the KL of each sample's state (see :func:`state_kl`)
+    """
+
+    mean: th.Tensor
+    per_state: th.Tensor
+
+
+def batch_kl(p: Distribution, q: Distribution, batch: PolicyBatch) -> BatchKL:
+    """``KL(p || q)`` on the batch's samples: the one KL of the step, for its Fisher product and its check."""
+    terms = kl_terms(p, q)
+    return BatchKL(mean=batch.mean(terms), per_state=state_kl(terms, batch.mask))
+
+
+class ActorStep:
+    """The actor moved by fractions of a full step from where it is when this is made, and measured there.
+
+    :meth:`evaluate` and :meth:`restore` are the ``evaluate`` and ``restore`` of
+    :func:`~sb3_trpo.common.trust_region.backtracking_line_search`.
+
+    :param parameters: the actor's parameters
+    :param full_step: the full step, flat
+    :param distribution: the current policy's action distribution on a batch
+    :param batch: the batch to measure on
+    :param old_distribution: the action distribution of the policy before the step
+    """
+
+    def __init__(
+        self,
+        parameters: list[nn.Parameter],
+        full_step: th.Tensor,
+        distribution: Callable[[PolicyBatch], Distribution],
+        batch: PolicyBatch,
+        old_distribution: Distribution,
+    ):
+        self.parameters = parameters
+        self.start = [param.detach().clone() for param in parameters]
+        self.steps = unflatten(full_step, self.start)
+        self.distribution = distribution
+        self.batch = batch
+        self.old_distribution = old_distribution
+        # The largest per-state KL at the last evaluated fraction (0 before any).
+        self.largest_state_kl = 0.0
+
+    def evaluate(self, fraction: float) -> tuple[float, float]:
+        """Move the actor by ``fraction`` of the full step from its start: surrogate and mean KL there."""
+        with th.no_grad():
+            for param, start, step in zip(self.parameters, self.start, self.steps, strict=True):
+                param.copy_(start + fraction * step)
+            candidate = self.distribution(self.batch)
+            objective = surrogate(candidate, self.batch).item()
+            # KL(new || old), as sb3-contrib measures it (see TrustRegionAlgorithm).
+            kl = batch_kl(candidate, self.old_distribution, self.batch)
+            self.largest_state_kl = kl.per_state.max().item()
+        return objective, kl.mean.item()
+
+    def restore(self) -> None:
+        """Put the actor back exactly where it started."""
+        with th.no_grad():
+            for param, start in zip(self.parameters, self.start, strict=True):
+                param.copy_(start)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyStepStats:
+    """What one trust-region step did, for the logger."""
+
+    objective_before: float
+    line_search: LineSearchResult
+    cg_residual: float
+    cg_iterations: int
+    expected_improvement: float
+    max_step: float
+    step_norm: float
+    entropy: float | None
+    max_kl: float
+    skipped: bool = False
+
+    def record(self, logger: Logger) -> None:
+        """Record the step under sb3-contrib's keys and the package's diagnostics."""
+        search = self.line_search
+        logger.record("train/policy_objective", search.objective if search.success else self.objective_before)
+        logger.record("train/kl_divergence_loss", search.kl if search.success else 0.0)
+        logger.record("train/is_line_search_success", float(search.success))
+        logger.record("train/line_search_backtracks", search.n_backtracks)
+        logger.record("train/accepted_kl", search.kl)
+        logger.record("train/max_kl", self.max_kl)
+        logger.record("train/cg_residual", self.cg_residual)
+        logger.record("train/cg_iterations", self.cg_iterations)
+        logger.record("train/expected_improvement", self.expected_improvement)
+        logger.record("train/actual_improvement", search.objective - self.objective_before)
+        logger.record("train/max_step_size", self.max_step)
+        logger.record("train/step_norm", self.step_norm)
+        logger.record("train/skipped_update", float(self.skipped))
+        if self.entropy is not None:
+            logger.record("train/entropy", self.entropy)
