@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import hashlib
 import json
 import math
 import os
@@ -17,8 +19,9 @@ import numpy as np
 import pytest
 from matplotlib import image
 
-from sb3_trpo.benchmark import report, returns
-from tests.helpers import exited
+from benchmarks import returns
+from sb3_trpo.benchmark import report, runs
+from tests.helpers import REPO, exited
 
 CONFIG = """\
 CartPole-v1:
@@ -43,7 +46,7 @@ def _campaign(config: Path, results: Path) -> list[str]:
 
 
 def _mtimes(results: Path) -> dict[str, int]:
-    return {path.name: path.stat().st_mtime_ns for path in results.glob("*.json")}
+    return {path.name: path.stat().st_mtime_ns for path in results.glob("*.json.gz")}
 
 
 def test_campaign_writes_run_files_and_resumes_without_retraining(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -51,16 +54,16 @@ def test_campaign_writes_run_files_and_resumes_without_retraining(tmp_path: Path
     config.write_text(CONFIG)
 
     assert returns.main(_campaign(config, results)) == 0
-    names = sorted(f"CartPole-v1__{impl}__seed{seed}.json" for impl in ("sb3_trpo", "sb3_contrib") for seed in (0, 1))
+    names = sorted(f"CartPole-v1__{impl}__seed{seed}.json.gz" for impl in ("sb3_trpo", "sb3_contrib") for seed in (0, 1))
     assert sorted(path.name for path in results.iterdir()) == names  # no lock or temporary file left
     for name in names:
-        record = json.loads((results / name).read_text())
+        record = runs.read_run(results / name)
         impl = name.split("__")[1]
         assert record["complete"] is True
         assert record["impl"] == impl
         expected_class = {"sb3_trpo": "sb3_trpo.trpo.trpo.TRPO", "sb3_contrib": "sb3_contrib.trpo.trpo.TRPO"}[impl]
         assert record["algorithm"] == expected_class
-        assert (record["env_id"], record["seed"]) == ("CartPole-v1", int(name[-6]))
+        assert (record["env_id"], record["seed"]) == ("CartPole-v1", int(name.removesuffix(".json.gz")[-1]))
         assert record["config"]["entry"] == "CartPole-v1"
         assert record["config"]["hyperparams"]["learning_rate"] == "lin_1e-3"
         # Two rollouts of 2 envs x 256 steps; an evaluation at step 600 and one on the final policy.
@@ -112,11 +115,19 @@ def test_campaign_writes_run_files_and_resumes_without_retraining(tmp_path: Path
 
     # A run whose file is missing is trained again, in this process; the others are not touched.
     missing = returns.RunSpec("sb3_contrib", "CartPole-v1", 1, 1000, str(config), 600, 2)
-    (results / f"{missing.name}.json").unlink()
+    (results / f"{missing.name}.json.gz").unlink()
     assert [returns.execute(spec, results) for spec in (missing, missing)] == ["trained", "done"]
     after = _mtimes(results)
     assert after.keys() == before.keys()
-    assert {name: after[name] == before[name] for name in after} == {name: name != f"{missing.name}.json" for name in after}
+    assert {name: after[name] == before[name] for name in after} == {name: name != f"{missing.name}.json.gz" for name in after}
+
+    # A run kept as plain JSON (a run file of an earlier runner) is done too: nothing is trained.
+    kept = results / f"{missing.name}.json.gz"
+    kept.with_suffix("").write_text(json.dumps(runs.read_run(kept)))
+    kept.unlink()
+    assert returns.execute(missing, results) == "done"
+    assert returns.main(_campaign(config, results)) == 0
+    assert "done: 4, trained: 0" in capsys.readouterr().out
 
 
 def test_a_dead_worker_process_fails_only_its_run_which_the_next_invocation_runs(
@@ -141,14 +152,14 @@ def test_a_dead_worker_process_fails_only_its_run_which_the_next_invocation_runs
     assert "done: 0, trained: 1, locked: 0, failed: 1" in captured.out and f"  failed: {dead}" in captured.out
     assert f"[{dead}] failed: its process died (killed by SIGKILL)" in captured.err
     # The run beside it finished; the dead run left its lock, stale now that its process is gone.
-    assert returns.is_complete(results / f"{alive}.json")
-    assert sorted(path.name for path in results.iterdir()) == [f"{dead}.json.lock", f"{alive}.json"]
+    assert returns.is_complete(results / f"{alive}.json.gz")
+    assert sorted(path.name for path in results.iterdir()) == [f"{dead}.json.lock", f"{alive}.json.gz"]
 
     config.write_text(healthy)
     assert returns.main(campaign) == 0
     assert "done: 1, trained: 1, locked: 0, failed: 0" in capsys.readouterr().out
-    assert returns.is_complete(results / f"{dead}.json")
-    assert sorted(path.name for path in results.iterdir()) == [f"{dead}.json", f"{alive}.json"]
+    assert returns.is_complete(results / f"{dead}.json.gz")
+    assert sorted(path.name for path in results.iterdir()) == [f"{dead}.json.gz", f"{alive}.json.gz"]
 
 
 @pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM", "Ctrl-C"])
@@ -156,12 +167,13 @@ def test_a_killed_campaign_takes_its_training_worker_with_it(tmp_path: Path, sig
     config, results = tmp_path / "trpo.yml", tmp_path / "results"
     config.write_text(CONFIG)
     campaign = [
-        sys.executable, "-m", "sb3_trpo.benchmark", "returns", "--envs", "CartPole-v1", "--seeds", "0",
+        sys.executable, "-m", "benchmarks.returns", "--envs", "CartPole-v1", "--seeds", "0",
         "--impl", "sb3_trpo", "--timesteps", "10000000", "--config", str(config), "--results-dir", str(results),
     ]  # fmt: skip
     # Its own process group, with SIGINT's default disposition, as a terminal starts it.
     runner = subprocess.Popen(
         campaign,
+        cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -343,7 +355,7 @@ def _write_synthetic(results: Path) -> None:
 def test_report_table_on_synthetic_runs(tmp_path: Path) -> None:
     results = tmp_path / "results"
     _write_synthetic(results)
-    groups = report.group(report.load_results(results))
+    groups = report.group(runs.load_results(results))
     assert list(groups) == [("Fake-v0", "sb3_trpo"), ("Fake-v0", "sb3_contrib")]
     trpo, contrib = (report.summarize(env, impl, runs) for (env, impl), runs in groups.items())
     assert trpo.n_seeds == 3 and contrib.n_seeds == 2
@@ -380,6 +392,94 @@ def test_report_writes_markdown_and_plot(tmp_path: Path) -> None:
     # One panel: a 5 x 3.6 inch figure at 110 dpi.
     assert image.imread(plot).shape == (396, 550, 4)
     assert report.main(["--results-dir", str(tmp_path / "empty")]) == 1
+
+
+def test_a_run_set_includes_the_run_files_its_runs_txt_names(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    results = tmp_path / "results"
+    _write_synthetic(results)
+
+    def table(records: list[dict]) -> str:
+        return report.markdown_table([report.summarize(*key, group) for key, group in report.group(records).items()])
+
+    before = table(runs.load_results(results))
+    # Two runs kept elsewhere, one of them compressed, and one there that the pattern leaves out.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (results / "Fake-v0__sb3_trpo__seed1.json").rename(elsewhere / "Fake-v0__sb3_trpo__seed1.json")
+    moved = results / "Fake-v0__sb3_trpo__seed2.json"
+    (elsewhere / "Fake-v0__sb3_trpo__seed2.json.gz").write_bytes(gzip.compress(moved.read_bytes()))
+    moved.unlink()
+    (elsewhere / "Other-v0__sb3_trpo__seed0.json").write_text(json.dumps({**_record("sb3_trpo", 0, [1.0], 0, 1, 1.0)}))
+    (results / "runs.txt").write_text("# kept in another folder\n\n../elsewhere/Fake-v0__*  # seeds 1 and 2\n")
+
+    records = runs.load_results(results)
+    assert [(record["impl"], record["seed"]) for record in records if record["env_id"] != "Fake-v0"] == []
+    assert table(records) == before
+    output = tmp_path / "REPORT.md"
+    assert report.main(["--results-dir", str(results), "--output", str(output)]) == 0
+    assert f"from 5 run files in `{results}` and where its runs.txt points by" in output.read_text()
+
+    # The same run twice in a set, and a pattern that names nothing, are errors.
+    (results / "Fake-v0__sb3_trpo__seed2.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"two files of the run Fake-v0__sb3_trpo__seed2\.json"):
+        runs.run_files(results)
+    (results / "Fake-v0__sb3_trpo__seed2.json").unlink()
+    (results / "runs.txt").write_text("../elsewhere/Fake-v1__*\n")
+    assert report.main(["--results-dir", str(results)]) == 1
+    assert "runs.txt: '../elsewhere/Fake-v1__*' names no run file" in capsys.readouterr().err
+
+
+def test_user_report_takes_sb3_trpo_from_one_run_set_and_sb3_contrib_from_the_other(tmp_path: Path) -> None:
+    def run(impl: str, seed: int, means: list[int]) -> dict:
+        return {**_record(impl, seed, means, 0, 1, 1.0), "env_id": "Hopper-v5", "total_timesteps": 1_000_000}
+
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    # Each set holds runs of the other implementation too, which the comparison leaves out.
+    for folder, records in (
+        (ours, [run("sb3_trpo", 0, [0, 4000, 3000]), run("sb3_trpo", 1, [0, 3800]), run("sb3_contrib", 0, [9999])]),
+        (theirs, [run("sb3_contrib", 0, [0, 2500, 2000]), run("sb3_contrib", 1, [0, 3000]), run("sb3_trpo", 0, [-9999])]),
+    ):
+        folder.mkdir()
+        for record in records:
+            (folder / f"Hopper-v5__{record['impl']}__seed{record['seed']}.json").write_text(json.dumps(record))
+    output = tmp_path / "REPORT.md"
+    assert report.main(["--user", str(ours), str(theirs), "--output", str(output)]) == 0
+    text = output.read_text()
+    # As in the targets table's test: final/best 3400 / 3900 and 2500 / 2750, the difference in [+0, +1800].
+    assert "| Hopper-v5 | 1M | 0, 1 | 3400.0 ± 400.0 | 87.2% | 2500.0 ± 500.0 | 90.9% | +900.0 [+0.0, +1800.0] |" in text
+    assert "| Humanoid-v5 | 2M | none | not run | | not run | | |" in text
+    assert "9999" not in text and "## Targets" not in text
+    assert f"from 4 run files (sb3_trpo's of `{ours}`, sb3-contrib's of `{theirs}`) by" in text
+
+
+RESULTS = REPO / "benchmark_results"
+needs_results = pytest.mark.skipif(not RESULTS.is_dir(), reason="the repository's results are not in the sdist")
+
+
+@needs_results
+def test_each_result_file_of_the_repository_is_stored_once() -> None:
+    stored: dict[str, Path] = {}
+    for path in sorted(RESULTS.rglob("*")):
+        if path.is_file():
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            assert digest not in stored, f"{path} is a copy of {stored[digest]}: list it in a runs.txt instead"
+            stored[digest] = path
+
+
+@needs_results
+def test_the_packaged_entries_run_set_holds_runs_of_the_packaged_entries() -> None:
+    for manifest in RESULTS.rglob(runs.MANIFEST):  # every run set of the repository loads
+        assert runs.run_files(manifest.parent)
+    entries = runs.run_files(RESULTS / "entries_1m")
+    envs = ("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5", "Ant-v5", "Swimmer-v5", "Humanoid-v5")
+    expected = {(env, impl, seed) for env in envs for impl in ("sb3_trpo", "sb3_contrib") for seed in range(5)}
+    records = {path: runs.read_run(path) for path in entries}
+    assert {(record["env_id"], record["impl"], record["seed"]) for record in records.values()} == expected
+    for path, record in records.items():
+        spec = returns.RunSpec(
+            record["impl"], record["env_id"], record["seed"], None, str(returns.default_config()), 50_000, 10
+        )
+        assert returns.settings_difference(path, spec) == "", path
 
 
 def test_targets_table_compares_common_seeds_at_the_budget() -> None:

@@ -1,1 +1,1 @@
-"""Benchmarks of sb3_trpo against sb3-contrib: ``python -m sb3_trpo.benchmark {speed,returns,report}``."""
+"""Benchmarks of sb3_trpo against sb3-contrib: ``python -m sb3_trpo.benchmark {speed,report}``."""

@@ -1,4 +1,7 @@
-"""Entry point: ``python -m sb3_trpo.benchmark {speed,returns,report} [options]``."""
+"""Entry point: ``python -m sb3_trpo.benchmark {speed,report} [options]``.
+
+The returns campaign runner is the repository's ``python -m benchmarks.returns``, not part of the wheel.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ import sys
 
 COMMANDS = {
     "speed": "sb3_trpo.benchmark.speed",
-    "returns": "sb3_trpo.benchmark.returns",
     "report": "sb3_trpo.benchmark.report",
 }
 

@@ -2,6 +2,12 @@
 
 ``python -m sb3_trpo.benchmark report --results-dir benchmark_results/returns --output REPORT.md --plot returns.png``
 
+``--results-dir`` names a run set: a folder's run files and those its ``runs.txt`` names
+(:mod:`sb3_trpo.benchmark.runs`).
+``--user SB3_TRPO_DIR SB3_CONTRIB_DIR`` compares sb3_trpo's runs of one run set with
+sb3-contrib's of another: the comparison a user makes, each implementation with its own entry
+(the package's ``zoo_configs/trpo.yml`` against rl-zoo3's), at each task's budget of ``TARGETS``.
+
 Definitions (per implementation and environment, over the seeds found):
 
 - *final*: the last evaluation of each run (the policy ``learn()`` returned); mean ± std over seeds.
@@ -31,7 +37,6 @@ Definitions (per implementation and environment, over the seeds found):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +45,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from sb3_trpo.benchmark.curves import plot_curves
+from sb3_trpo.benchmark.runs import MANIFEST, load_results
 
 COLLAPSE_DROP = 0.3
 IMPL_ORDER = ("sb3_trpo", "sb3_contrib")
@@ -105,22 +113,6 @@ def collapse_count(returns: Sequence[float], drop: float = COLLAPSE_DROP) -> int
             count += 1
         best = max(best, value)
     return count
-
-
-def load_results(results_dir: Path) -> list[dict[str, Any]]:
-    """Every complete run record in ``results_dir`` (temporary and lock files are skipped)."""
-    records = []
-    for path in sorted(results_dir.glob("*.json")):
-        if path.name.startswith("."):
-            continue
-        try:
-            record = json.loads(path.read_text())
-        except ValueError:
-            print(f"skipping unreadable {path}", file=sys.stderr)
-            continue
-        if isinstance(record, dict) and record.get("complete") is True and record["evaluation"]["mean"]:
-            records.append(record)
-    return records
 
 
 def _impl_key(impl: str) -> tuple[int, str]:
@@ -206,6 +198,35 @@ def difference_interval(
     return float(low), float(high)
 
 
+def paired_runs(
+    groups: dict[tuple[str, str], list[dict[str, Any]]], env_id: str, budget: int
+) -> tuple[list[int], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """The seeds both implementations ran ``env_id`` with at ``budget``, and each one's final and best returns on them."""
+    curves = {
+        impl: {
+            run["seed"]: run["evaluation"]["mean"]
+            for run in groups.get((env_id, impl), [])
+            if int(run["total_timesteps"]) == budget
+        }
+        for impl in IMPL_ORDER
+    }
+    seeds = sorted(set(curves["sb3_trpo"]) & set(curves["sb3_contrib"]))
+    returns = {
+        impl: (np.array([curves[impl][seed][-1] for seed in seeds]), np.array([max(curves[impl][seed]) for seed in seeds]))
+        for impl in IMPL_ORDER
+    }
+    return seeds, returns
+
+
+def _mean_std(values: np.ndarray) -> str:
+    return f"{values.mean():.1f} ± {values.std():.1f}"
+
+
+def _difference(ours: np.ndarray, floor: np.ndarray) -> str:
+    low, high = difference_interval(ours, floor)
+    return f"{ours.mean() - floor.mean():+.1f} [{low:+.1f}, {high:+.1f}]"
+
+
 def targets_table(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
     """Both implementations against each other and the goal, per task of ``TARGETS``, on their common seeds."""
     lines = [
@@ -215,27 +236,17 @@ def targets_table(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
         "|---|---:|---|---:|---:|---|---:|---:|---|---:|---:|---|",
     ]
     for env_id, (budget, goal) in TARGETS.items():
-        curves = {
-            impl: {
-                run["seed"]: run["evaluation"]["mean"]
-                for run in groups.get((env_id, impl), [])
-                if int(run["total_timesteps"]) == budget
-            }
-            for impl in IMPL_ORDER
-        }
-        seeds = sorted(set(curves["sb3_trpo"]) & set(curves["sb3_contrib"]))
+        seeds, returns = paired_runs(groups, env_id, budget)
         if not seeds:
             lines.append(f"| {env_id} | {_steps([budget])} | none | not run | not run | | | {goal:g} | | | | |")
             continue
-        ours, floor = (np.array([curves[impl][seed][-1] for seed in seeds]) for impl in IMPL_ORDER)
-        ours_best, floor_best = (np.array([max(curves[impl][seed]) for seed in seeds]) for impl in IMPL_ORDER)
-        low, high = difference_interval(ours, floor)
+        (ours, ours_best), (floor, floor_best) = (returns[impl] for impl in IMPL_ORDER)
         stability = stability_ratio(ours.mean(), ours_best.mean())
         stable = "" if stability is None else ("yes" if stability >= STABILITY_GOAL else "no")
         lines.append(
-            f"| {env_id} | {_steps([budget])} | {', '.join(map(str, seeds))} | {floor.mean():.1f} ± {floor.std():.1f} "
-            f"| {ours.mean():.1f} ± {ours.std():.1f} | {'yes' if ours.mean() >= floor.mean() else 'no'} "
-            f"| {ours.mean() - floor.mean():+.1f} [{low:+.1f}, {high:+.1f}] | {goal:g} "
+            f"| {env_id} | {_steps([budget])} | {', '.join(map(str, seeds))} | {_mean_std(floor)} "
+            f"| {_mean_std(ours)} | {'yes' if ours.mean() >= floor.mean() else 'no'} "
+            f"| {_difference(ours, floor)} | {goal:g} "
             f"| {'yes' if ours.mean() >= goal else 'no'} "
             f"| {_percent(stability_ratio(floor.mean(), floor_best.mean()))} "
             f"| {_percent(stability)} | {stable} |"
@@ -243,50 +254,26 @@ def targets_table(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def mean_curve(runs: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Timesteps, mean and std over runs of the evaluation curves (interpolated where the grids differ)."""
-    grids = [np.asarray(run["evaluation"]["timesteps"], dtype=float) for run in runs]
-    curves = [np.asarray(run["evaluation"]["mean"], dtype=float) for run in runs]
-    if all(len(grid) == len(grids[0]) and np.array_equal(grid, grids[0]) for grid in grids):
-        grid = grids[0]
-        stacked = np.stack(curves)
-    else:
-        start, stop = max(g[0] for g in grids), min(g[-1] for g in grids)
-        grid = np.unique(np.concatenate(grids))
-        grid = grid[(grid >= start) & (grid <= stop)]
-        stacked = np.stack([np.interp(grid, g, c) for g, c in zip(grids, curves, strict=True)])
-    return grid, stacked.mean(axis=0), stacked.std(axis=0)
-
-
-def plot_curves(groups: dict[tuple[str, str], list[dict[str, Any]]], path: Path) -> None:
-    """One panel per environment, every implementation in it: mean over seeds and a ± std band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    envs = list(dict.fromkeys(env for env, _ in groups))
-    colors = {impl: f"C{index}" for index, impl in enumerate(dict.fromkeys(impl for _, impl in groups))}
-    columns = min(len(envs), 3)
-    rows = -(-len(envs) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
-    for axis, env_id in zip(axes.flat, envs, strict=False):
-        for (env, impl), runs in groups.items():
-            if env != env_id:
-                continue
-            grid, mean, std = mean_curve(runs)
-            axis.plot(grid, mean, color=colors[impl], label=f"{impl} (n={len(runs)})")
-            axis.fill_between(grid, mean - std, mean + std, color=colors[impl], alpha=0.2)
-        axis.set_title(env_id)
-        axis.set_xlabel("environment steps")
-        axis.set_ylabel("evaluation return")
-        axis.grid(alpha=0.3)
-        axis.legend(loc="lower right", fontsize="small")
-    for axis in list(axes.flat)[len(envs) :]:
-        axis.set_visible(False)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+def user_table(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
+    """sb3_trpo against sb3-contrib per task of ``TARGETS``, final return and final/best on their common seeds."""
+    lines = [
+        "| env | budget | seeds | sb3_trpo final | sb3_trpo final/best | sb3-contrib final | sb3-contrib final/best "
+        "| difference (95% interval) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for env_id, (budget, _) in TARGETS.items():
+        seeds, returns = paired_runs(groups, env_id, budget)
+        if not seeds:
+            lines.append(f"| {env_id} | {_steps([budget])} | none | not run | | not run | | |")
+            continue
+        (ours, ours_best), (floor, floor_best) = (returns[impl] for impl in IMPL_ORDER)
+        lines.append(
+            f"| {env_id} | {_steps([budget])} | {', '.join(map(str, seeds))} "
+            f"| {_mean_std(ours)} | {_percent(stability_ratio(ours.mean(), ours_best.mean()))} "
+            f"| {_mean_std(floor)} | {_percent(stability_ratio(floor.mean(), floor_best.mean()))} "
+            f"| {_difference(ours, floor)} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _versions(records: Sequence[dict[str, Any]]) -> str:
@@ -324,42 +311,60 @@ def _per_run_table(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SUMMARY_NOTE = (
+    "final/best return: mean ± std (population, ddof=0) over seeds of the last/highest evaluation of each run. "
+    "final/best: the mean final return over the mean best return (the stability ratio). "
+    "collapses: evaluations more than 30% below the best earlier evaluation of the same run "
+    "(`r < b - 0.3|b|`), over all evaluations. failed line searches: updates whose line search "
+    "accepted no step. steps/s: training only, evaluation excluded, "
+    "on whatever load the machine had (the speed benchmark is the one to compare speeds with)."
+)
+TARGETS_NOTE = (
+    "Final return: mean ± std over the seeds both implementations have run at the budget. Goals: at "
+    "least the best TRPO results published at that budget, on older versions of the tasks (other metrics, "
+    "see BENCHMARKS.md). final/best: each implementation's mean final over its mean best return, same "
+    f"seeds; stable: sb3_trpo's final/best is at least {STABILITY_GOAL:.0%}."
+)
+USER_NOTE = (
+    "Final return: mean ± std over the seeds both implementations have run at the task's budget; "
+    "final/best: each implementation's mean final over its mean best return during training, same seeds; "
+    "difference: sb3_trpo's mean minus sb3-contrib's, with a 95% bootstrap interval over seeds. "
+    "Each run's config entry is in the last table."
+)
+
+
 def render_report(
-    records: Sequence[dict[str, Any]], results_dir: Path, command: str, plot: str | None
+    records: Sequence[dict[str, Any]], source: str, command: str, plot: str | None, user: bool = False
 ) -> tuple[str, dict[tuple[str, str], list[dict[str, Any]]]]:
+    """
+    The Markdown report of ``records`` and their groups by (environment, implementation).
+
+    :param records: the complete run records
+    :param source: where the records come from, as the report says it after "run files"
+    :param command: the command that made the report
+    :param plot: the link to the learning-curve plot, None for none
+    :param user: the comparison a user makes (``--user``) first, instead of the targets table
+    """
     groups = group(records)
     summaries = [summarize(env, impl, runs) for (env, impl), runs in groups.items()]
     evaluation = records[0]["evaluation"] if records else {}
     parts = [
-        "# Returns benchmark",
+        "# Returns: sb3_trpo and sb3-contrib, each with its own entry" if user else "# Returns benchmark",
         "",
         f"Generated {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} from {len(records)} run files "
-        f"in `{results_dir}` by `{command}`.",
+        f"{source} by `{command}`.",
         f"Evaluation: deterministic policy, {evaluation.get('episodes', '?')} episodes every "
         f"{evaluation.get('freq', '?')} steps and after the last update, on a separate environment "
         "with the training VecNormalize statistics, frozen.",
         "",
-        markdown_table(summaries),
-        "final/best return: mean ± std (population, ddof=0) over seeds of the last/highest evaluation of each run. "
-        "final/best: the mean final return over the mean best return (the stability ratio). "
-        "collapses: evaluations more than 30% below the best earlier evaluation of the same run "
-        "(`r < b - 0.3|b|`), over all evaluations. failed line searches: updates whose line search "
-        "accepted no step. steps/s: training only, evaluation excluded, "
-        "on whatever load the machine had (the speed benchmark is the one to compare speeds with).",
-        "",
     ]
+    if user:
+        parts += [user_table(groups), USER_NOTE, ""]
+    parts += [markdown_table(summaries), SUMMARY_NOTE, ""]
     if plot is not None:
         parts += [f"![learning curves]({plot})", ""]
-    parts += [
-        "## Targets",
-        "",
-        targets_table(groups),
-        "Final return: mean ± std over the seeds both implementations have run at the budget. Goals: at "
-        "least the best TRPO results published at that budget, on older versions of the tasks (other metrics, "
-        "see BENCHMARKS.md). final/best: each implementation's mean final over its mean best return, same "
-        f"seeds; stable: sb3_trpo's final/best is at least {STABILITY_GOAL:.0%}.",
-        "",
-    ]
+    if not user:
+        parts += ["## Targets", "", targets_table(groups), TARGETS_NOTE, ""]
     parts += ["## Runs", "", _per_run_table(groups), f"Versions: {_versions(records)}.", ""]
     return "\n".join(parts), groups
 
@@ -369,19 +374,41 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         prog="python -m sb3_trpo.benchmark report",
         description="Aggregate the returns benchmark's run files into a Markdown table and a learning-curve PNG.",
     )
-    parser.add_argument("--results-dir", default="benchmark_results/returns")
+    runs = parser.add_mutually_exclusive_group()
+    runs.add_argument("--results-dir", default="benchmark_results/returns", help="the run set: a folder and its runs.txt")
+    runs.add_argument(
+        "--user",
+        nargs=2,
+        metavar=("SB3_TRPO_DIR", "SB3_CONTRIB_DIR"),
+        help="sb3_trpo's runs of the first run set against sb3-contrib's of the second",
+    )
     parser.add_argument("--output", default=None, help="Markdown file (default: print to stdout)")
     parser.add_argument("--plot", default=None, help="PNG of the learning curves (default: none)")
     return parser.parse_args(argv)
 
 
+def _load(args: argparse.Namespace) -> tuple[list[dict[str, Any]], str]:
+    """The records the arguments ask for, and where they come from in the report's words."""
+    if args.user:
+        ours, theirs = (Path(folder) for folder in args.user)
+        records = [record for record in load_results(ours) if record["impl"] == "sb3_trpo"]
+        records += [record for record in load_results(theirs) if record["impl"] == "sb3_contrib"]
+        return records, f"(sb3_trpo's of `{ours}`, sb3-contrib's of `{theirs}`)"
+    results_dir = Path(args.results_dir)
+    listed = " and where its runs.txt points" if (results_dir / MANIFEST).is_file() else ""
+    return load_results(results_dir), f"in `{results_dir}`{listed}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    results_dir = Path(args.results_dir)
-    records = load_results(results_dir)
+    try:
+        records, source = _load(args)
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 1
     if not records:
-        print(f"no complete run files in {results_dir}", file=sys.stderr)
+        print(f"no complete run files {source}", file=sys.stderr)
         return 1
     plot_link = None
     if args.plot is not None:
@@ -392,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ValueError:
             plot_link = str(plot.resolve())
     command = " ".join(["python -m sb3_trpo.benchmark report", *argv])
-    text, groups = render_report(records, results_dir, command, plot_link)
+    text, groups = render_report(records, source, command, plot_link, user=bool(args.user))
     if args.plot is not None:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot_curves(groups, Path(args.plot))

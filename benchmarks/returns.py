@@ -1,6 +1,8 @@
-"""Returns benchmark: train TRPO implementations on environments and seeds, one JSON per run.
+"""Returns benchmark: train TRPO implementations on environments and seeds, one JSON file per run.
 
-``python -m sb3_trpo.benchmark returns --envs Hopper-v5 HalfCheetah-v5 --seeds 0 1 2 --compare sb3_contrib``
+``python -m benchmarks.returns --envs Hopper-v5 HalfCheetah-v5 --seeds 0 1 2 --compare sb3_contrib``, from
+the repository's root (the campaign runner is not part of the wheel); ``python -m
+sb3_trpo.benchmark report`` turns the run files into a report.
 
 Hyperparameters come from an rl-zoo3 YAML file (``sb3_trpo/zoo_configs/trpo.yml`` when it
 exists, else rl-zoo3's own ``hyperparams/trpo.yml``); an environment without an entry of its
@@ -17,10 +19,11 @@ copied from the training environment and frozen (SB3's ``EvalCallback``).
 With ``--record-updates`` the run file also keeps, per update, every ``train/`` value the
 implementation logged and the mean return of the latest training episodes.
 
-Each run writes ``<results-dir>/<env>__<impl>__seed<seed>.json`` atomically (temporary file,
-then rename), so a file that exists is complete and an interrupted campaign resumes by
-running the command again. Several processes, on one machine or sharing a file system, can
-work on the same results directory: a run is claimed by creating ``<run>.lock`` with
+Each run writes ``<results-dir>/<env>__<impl>__seed<seed>.json.gz`` (gzip-compressed JSON; a
+plain ``.json`` of the same run counts as done too) atomically (temporary file, then rename), so
+a file that exists is complete and an interrupted campaign resumes by running the command again.
+Several processes, on one machine or sharing a file system, can work on the same results
+directory: a run is claimed by creating ``<env>__<impl>__seed<seed>.json.lock`` with
 ``O_CREAT | O_EXCL``, and removed when the run ends, whether it succeeded or failed.
 A lock is stale when it names this host and a process id that no longer exists (the worker
 was killed); such a lock is reclaimed automatically. A lock written by another host is never
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gzip
 import importlib.metadata
 import inspect
 import json
@@ -61,6 +65,8 @@ import yaml
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback, EvalCallback
 
+import sb3_trpo
+from sb3_trpo.benchmark.runs import read_run
 from sb3_trpo.common.os_process import exit_with_parent
 from sb3_trpo.hyperparams import target_kl_schedule
 
@@ -91,13 +97,8 @@ class RunSpec:
 
 # ---------------------------------------------------------------------- config
 def default_config() -> Path:
-    """The package's tuned ``zoo_configs/trpo.yml``, or rl-zoo3's ``trpo.yml`` until it exists."""
-    packaged = Path(__file__).resolve().parent.parent / "zoo_configs" / "trpo.yml"
-    if packaged.is_file():
-        return packaged
-    import rl_zoo3
-
-    return Path(rl_zoo3.__file__).resolve().parent / "hyperparams" / "trpo.yml"
+    """The package's tuned ``sb3_trpo/zoo_configs/trpo.yml``."""
+    return Path(sb3_trpo.__file__).resolve().parent / "zoo_configs" / "trpo.yml"
 
 
 def entry_for_env(table: dict[str, Any], env_id: str) -> str:
@@ -140,7 +141,7 @@ def package_versions() -> dict[str, str | None]:
 
 def source_revision() -> str | None:
     """The git commit of the sb3_trpo sources, ``+dirty`` when they have uncommitted changes; None outside git."""
-    package = Path(__file__).resolve().parent.parent
+    package = Path(sb3_trpo.__file__).resolve().parent
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=package, capture_output=True, text=True, check=True, timeout=10
@@ -345,16 +346,23 @@ def train_and_evaluate(spec: RunSpec) -> dict[str, Any]:
 
 
 def result_path(results_dir: Path, spec: RunSpec) -> Path:
-    return results_dir / f"{spec.name}.json"
+    """Where the run of ``spec`` is written."""
+    return results_dir / f"{spec.name}.json.gz"
 
 
 def is_complete(path: Path) -> bool:
     """Whether ``path`` holds a finished run (files are renamed into place only when complete)."""
     try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
+        record = read_run(path)
+    except (OSError, ValueError, EOFError):
         return False
     return isinstance(record, dict) and record.get("complete") is True
+
+
+def finished_run(results_dir: Path, spec: RunSpec) -> Path | None:
+    """The complete run file of ``spec`` in ``results_dir``: the compressed one, or a plain ``.json``; None when neither."""
+    written = result_path(results_dir, spec)
+    return next((path for path in (written, written.with_suffix("")) if is_complete(path)), None)
 
 
 def settings_difference(path: Path, spec: RunSpec) -> str:
@@ -366,7 +374,7 @@ def settings_difference(path: Path, spec: RunSpec) -> str:
     the same setting. An argument one side leaves unset has the run's algorithm's default
     (``target_kl: 0.01`` written out is TRPO's default, the same setting as no ``target_kl``).
     """
-    record = json.loads(path.read_text())
+    record = read_run(path)
     ran = {
         "timesteps": record["total_timesteps"],
         "eval-freq": record["evaluation"]["freq"],
@@ -397,9 +405,11 @@ def settings_difference(path: Path, spec: RunSpec) -> str:
     return ", ".join(differences)
 
 
-def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
+def write_run_atomic(path: Path, record: dict[str, Any]) -> None:
+    """Write ``record`` gzip-compressed to ``path`` through a temporary file, so that ``path`` is whole or absent."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    # No time stamp in the header: the same record gives the same bytes.
+    tmp.write_bytes(gzip.compress((json.dumps(record, indent=1) + "\n").encode(), mtime=0))
     os.replace(tmp, path)
 
 
@@ -458,16 +468,15 @@ def try_lock(lock: Path) -> bool:
 
 def execute(spec: RunSpec, results_dir: Path) -> str:
     """Run ``spec`` unless it is complete or claimed by another worker; returns what happened."""
-    path = result_path(results_dir, spec)
-    if is_complete(path):
+    if finished_run(results_dir, spec):
         return "done"
-    lock = path.with_name(path.name + ".lock")
+    lock = results_dir / f"{spec.name}.json.lock"
     if not try_lock(lock):
         return "locked"
     try:
-        if is_complete(path):  # finished by another worker between the check and the claim
+        if finished_run(results_dir, spec):  # finished by another worker between the check and the claim
             return "done"
-        write_json_atomic(path, train_and_evaluate(spec))
+        write_run_atomic(result_path(results_dir, spec), train_and_evaluate(spec))
         return "trained"
     finally:
         lock.unlink(missing_ok=True)
@@ -510,9 +519,10 @@ def run_campaign(specs: Sequence[RunSpec], results_dir: Path, jobs: int) -> dict
     outcome: dict[str, list[str]] = {"done": [], "trained": [], "locked": [], "failed": []}
     pending = []
     for spec in specs:
-        if is_complete(result_path(results_dir, spec)):
+        finished = finished_run(results_dir, spec)
+        if finished:
             outcome["done"].append(spec.name)
-            difference = settings_difference(result_path(results_dir, spec), spec)
+            difference = settings_difference(finished, spec)
             if difference:
                 print(
                     f"[{spec.name}] kept, although it was run with other settings ({difference}); "
@@ -560,8 +570,8 @@ def run_campaign(specs: Sequence[RunSpec], results_dir: Path, jobs: int) -> dict
 # ------------------------------------------------------------------------- CLI
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m sb3_trpo.benchmark returns",
-        description="Train TRPO implementations on environments x seeds; one JSON per run in --results-dir.",
+        prog="python -m benchmarks.returns",
+        description="Train TRPO implementations on environments x seeds; one JSON file per run in --results-dir.",
     )
     parser.add_argument("--envs", nargs="+", default=["Hopper-v5", "HalfCheetah-v5"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -614,3 +624,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = ["RunSpec", "main", "run_campaign", "train_and_evaluate"]
+
+if __name__ == "__main__":
+    sys.exit(main())
