@@ -250,7 +250,9 @@ def test_save_copy_and_pickle_during_a_rollout_see_the_fitted_critic(background_
 
     def save_and_copy(model: TRPO) -> None:
         # Each of them first waits for update 1's fit, running in the worker now.
+        assert model.critic_fitter.in_progress
         copies["deepcopy"] = copy.deepcopy(model)
+        assert not model.critic_fitter.in_progress
         copies["pickle"] = pickle.loads(pickle.dumps(model))
         model.save(tmp_path / "model")
 
