@@ -67,6 +67,8 @@ def test_actor_step_matches_sb3_contrib(env_id: str, overrides: dict, fisher: st
     assert float(reference_step.norm()) > 1e-4, "the reference update must move the actor"
     relative_error = float((our_step - reference_step).norm() / reference_step.norm())
     print(f"{env_id} {overrides} {fisher}: relative error {relative_error:.2e}")
-    assert relative_error < 1e-2
+    # About ten times the largest error of these cases (`pytest -s` prints them): float32 rounding
+    # of two computations of the same step passes, a different step does not.
+    assert relative_error < 3e-4
     # The critic is not part of the actor step, and the actor list is exactly what sb3-contrib moves.
     assert len(ours.actor_parameters) + len(ours.critic_parameters) == len(list(ours.policy.parameters()))
