@@ -341,6 +341,17 @@ def test_callbacks_progress_bar_and_tensorboard(tmp_path) -> None:
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tb" / "TRPO_1"))
 
 
+def test_progress_bar_warns_nothing_the_user_did_not_cause() -> None:
+    """pytest resets the filter with which SB3 hides tqdm.rich's TqdmExperimentalWarning on import."""
+    model = TRPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filters = list(warnings.filters)
+        model.learn(64, progress_bar=True)
+        assert warnings.filters == filters  # the user's filters, as they were
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+
+
 def test_set_env_switches_environment() -> None:
     model = TRPO("MlpPolicy", "Pendulum-v1", **SMALL)
     other = VecNormalize(make_vec_env("Pendulum-v1", n_envs=1, seed=9))

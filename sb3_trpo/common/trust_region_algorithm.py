@@ -8,6 +8,7 @@ sequences with a validity mask) that the methods here apply.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import io
@@ -26,6 +27,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import explained_variance
 from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
+from tqdm import TqdmExperimentalWarning
 
 from sb3_trpo.common.critic import CriticJob, index_observations
 from sb3_trpo.common.critic_fitter import BackgroundSetting, CriticFitter, background_pays, check_background_setting
@@ -539,15 +541,21 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> SelfTrustRegionAlgorithm:
+        # SB3 ignores tqdm.rich's TqdmExperimentalWarning through a filter set when it is imported,
+        # which pytest and warnings.catch_warnings reset: the user asked for a bar, not for that warning.
+        quiet_bar = warnings.catch_warnings() if progress_bar else contextlib.nullcontext()
         try:
-            return super().learn(
-                total_timesteps=total_timesteps,
-                callback=callback,
-                log_interval=log_interval,
-                tb_log_name=type(self).__name__ if tb_log_name is None else tb_log_name,
-                reset_num_timesteps=reset_num_timesteps,
-                progress_bar=progress_bar,
-            )
+            with quiet_bar:
+                if progress_bar:
+                    warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)
+                return super().learn(
+                    total_timesteps=total_timesteps,
+                    callback=callback,
+                    log_interval=log_interval,
+                    tb_log_name=type(self).__name__ if tb_log_name is None else tb_log_name,
+                    reset_num_timesteps=reset_num_timesteps,
+                    progress_bar=progress_bar,
+                )
         finally:
             # The model a user gets back has its critic fitted.
             self.finish_critic_fit()
