@@ -482,6 +482,20 @@ def test_the_packaged_entries_run_set_holds_runs_of_the_packaged_entries() -> No
         assert returns.settings_difference(path, spec) == "", path
 
 
+@needs_results
+def test_the_user_comparison_runs_sb3_contrib_with_rl_zoo3s_own_entries() -> None:
+    """``benchmark_results/user_1m`` compares the packaged entries with these (rl-zoo3's v4 entries on v5 tasks)."""
+    import rl_zoo3
+
+    config = Path(rl_zoo3.__file__).parent / "hyperparams" / "trpo.yml"
+    theirs = [path for path in runs.run_files(RESULTS / "returns_1m") if "__sb3_contrib__" in path.name]
+    assert len(theirs) == 30
+    for path in theirs:
+        record = runs.read_run(path)
+        spec = returns.RunSpec("sb3_contrib", record["env_id"], record["seed"], None, str(config), 50_000, 10)
+        assert returns.settings_difference(path, spec) == "", path
+
+
 def test_targets_table_compares_common_seeds_at_the_budget() -> None:
     def run(impl: str, seed: int, final: float, best: float | None = None, steps: int = 1_000_000) -> dict:
         means = [0.0, final] if best is None else [0.0, best, final]
