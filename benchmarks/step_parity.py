@@ -1,13 +1,15 @@
 """One update of Humanoid-v5 candidate 3, from identical states late in training: sb3_trpo against sb3-contrib.
 
-``python step_parity.py train DIR`` trains sb3_trpo with the candidate's settings (seed 0,
+``python -m benchmarks.step_parity train DIR`` trains sb3_trpo with the candidate's settings (seed 0,
 one torch thread) and saves the model and its VecNormalize statistics at 200k, 500k, 800k and
-1.1M steps; ``python step_parity.py check DIR MARK`` loads the checkpoint taken at MARK steps,
+1.1M steps; ``python -m benchmarks.step_parity check DIR MARK`` loads the checkpoint taken at MARK steps,
 collects one rollout with sb3-contrib, and runs one ``train()`` of each implementation on copies
 of that rollout from the same weights, optimizer state and random generators, printing how far
 each update lands from sb3-contrib's (relative error of the actor's and of the critic's change).
 sb3-contrib once more with its conjugate gradient started from zero instead of its 1e-4-scaled
-random start shows how much the update moves from that alone.
+random start shows how much the update moves from that alone. Its figures:
+``benchmark_results/returns_2m_humanoid_n2048_logstd/step_parity.txt``; ``tests/test_benchmark_returns.py``
+runs it on a small task.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ SETTINGS = dict(
     policy_kwargs=dict(log_std_init=-1.0),
 )
 MARKS = (200_000, 500_000, 800_000, 1_100_000)
+ENV_ID = "Humanoid-v5"
 
 
 class SaveAt(BaseCallback):
@@ -54,7 +57,7 @@ class SaveAt(BaseCallback):
 
 
 def train(directory: str) -> None:
-    env = VecNormalize(make_vec_env("Humanoid-v5", n_envs=2, seed=0))
+    env = VecNormalize(make_vec_env(ENV_ID, n_envs=2, seed=0))
     model = TRPO("MlpPolicy", env, seed=0, background_critic_fit=False, **SETTINGS)
     model.learn(MARKS[-1] + 4096, callback=SaveAt(directory))
 
@@ -64,11 +67,12 @@ class NoCallback:
         return lambda *args, **kwargs: True
 
 
-def check(directory: str, mark: str) -> None:
+def check(directory: str, mark: str) -> dict[str, tuple[float, float]]:
+    """Print, and return by label, the relative distance of each update's actor and critic change to sb3-contrib's."""
     saved = TRPO.load(f"{directory}/model_{mark}", device="cpu")
 
     def model(cls: type, **options: object):
-        env = VecNormalize.load(f"{directory}/vecnorm_{mark}.pkl", make_vec_env("Humanoid-v5", n_envs=2, seed=5))
+        env = VecNormalize.load(f"{directory}/vecnorm_{mark}.pkl", make_vec_env(ENV_ID, n_envs=2, seed=5))
         env.training = False
         built = cls("MlpPolicy", env, seed=1, **options, **SETTINGS)
         built.policy.load_state_dict(saved.policy.state_dict())
@@ -107,12 +111,15 @@ def check(directory: str, mark: str) -> None:
         f"{mark} steps: sb3-contrib's actor change {float(reference[actor].norm()):.4f}, "
         f"accepted KL {logged['train/kl_divergence_loss']:.6f}"
     )
+    errors = {}
     for label, (change, _) in {
         "sb3-contrib, CG from zero": update(sb3_contrib.TRPO, zero_cg_start=True),
         "sb3_trpo, analytic": update(TRPO, fisher_vector_product="analytic", background_critic_fit=False),
         "sb3_trpo, double_backprop": update(TRPO, fisher_vector_product="double_backprop", background_critic_fit=False),
     }.items():
-        print(f"  {label:27s} actor {relative_error(change, actor):.1e}  critic {relative_error(change, ~actor):.1e}")
+        errors[label] = (relative_error(change, actor), relative_error(change, ~actor))
+        print(f"  {label:27s} actor {errors[label][0]:.1e}  critic {errors[label][1]:.1e}")
+    return errors
 
 
 if __name__ == "__main__":
