@@ -12,7 +12,7 @@ th.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def working_directory_outside_the_checkout(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Whatever a test writes to its working directory (MuJoCo's MUJOCO_LOG.TXT, SB3's and rl-zoo3's logs, saved
-    models) lands in a temporary directory, not in the checkout; apart from ``tmp_path``, which tests list."""
+    models) lands in a temporary directory, not in the checkout; not in ``tmp_path``, whose contents some tests list."""
     directory = tmp_path_factory.mktemp("cwd")
     monkeypatch.chdir(directory)
     return directory
