@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -227,53 +227,62 @@ def _difference(ours: np.ndarray, floor: np.ndarray) -> str:
     return f"{ours.mean() - floor.mean():+.1f} [{low:+.1f}, {high:+.1f}]"
 
 
+def _per_task(
+    groups: dict[tuple[str, str], list[dict[str, Any]]],
+    header: Sequence[str],
+    cells: Callable[[float, np.ndarray, np.ndarray, np.ndarray, np.ndarray], str],
+    not_run: str,
+) -> str:
+    """One row per task of ``TARGETS``: its budget, the common seeds, then ``cells(goal, ours, ours_best, floor,
+    floor_best)`` of the final and best returns on them (``not_run``, formatted with the goal, when there are none)."""
+    lines = list(header)
+    for env_id, (budget, goal) in TARGETS.items():
+        seeds, returns = paired_runs(groups, env_id, budget)
+        if seeds:
+            row = f"{', '.join(map(str, seeds))} | {cells(goal, *returns['sb3_trpo'], *returns['sb3_contrib'])}"
+        else:
+            row = "none | " + not_run.format(goal=f"{goal:g}")
+        lines.append(f"| {env_id} | {_steps([budget])} | {row} |")
+    return "\n".join(lines) + "\n"
+
+
 def targets_table(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
     """Both implementations against each other and the goal, per task of ``TARGETS``, on their common seeds."""
-    lines = [
+
+    def cells(goal: float, ours: np.ndarray, ours_best: np.ndarray, floor: np.ndarray, floor_best: np.ndarray) -> str:
+        stability = stability_ratio(ours.mean(), ours_best.mean())
+        stable = "" if stability is None else ("yes" if stability >= STABILITY_GOAL else "no")
+        return (
+            f"{_mean_std(floor)} | {_mean_std(ours)} | {'yes' if ours.mean() >= floor.mean() else 'no'} "
+            f"| {_difference(ours, floor)} | {goal:g} | {'yes' if ours.mean() >= goal else 'no'} "
+            f"| {_percent(stability_ratio(floor.mean(), floor_best.mean()))} | {_percent(stability)} | {stable}"
+        )
+
+    header = (
         "| env | budget | common seeds | sb3-contrib final | sb3_trpo final | sb3_trpo >= floor "
         "| difference (95% interval) | goal | goal reached | sb3-contrib final/best | sb3_trpo final/best "
         f"| sb3_trpo stable (>= {STABILITY_GOAL:.0%}) |",
         "|---|---:|---|---:|---:|---|---:|---:|---|---:|---:|---|",
-    ]
-    for env_id, (budget, goal) in TARGETS.items():
-        seeds, returns = paired_runs(groups, env_id, budget)
-        if not seeds:
-            lines.append(f"| {env_id} | {_steps([budget])} | none | not run | not run | | | {goal:g} | | | | |")
-            continue
-        (ours, ours_best), (floor, floor_best) = (returns[impl] for impl in IMPL_ORDER)
-        stability = stability_ratio(ours.mean(), ours_best.mean())
-        stable = "" if stability is None else ("yes" if stability >= STABILITY_GOAL else "no")
-        lines.append(
-            f"| {env_id} | {_steps([budget])} | {', '.join(map(str, seeds))} | {_mean_std(floor)} "
-            f"| {_mean_std(ours)} | {'yes' if ours.mean() >= floor.mean() else 'no'} "
-            f"| {_difference(ours, floor)} | {goal:g} "
-            f"| {'yes' if ours.mean() >= goal else 'no'} "
-            f"| {_percent(stability_ratio(floor.mean(), floor_best.mean()))} "
-            f"| {_percent(stability)} | {stable} |"
-        )
-    return "\n".join(lines) + "\n"
+    )
+    return _per_task(groups, header, cells, "not run | not run | | | {goal} | | | |")
 
 
 def user_table(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> str:
     """sb3_trpo against sb3-contrib per task of ``TARGETS``, final return and final/best on their common seeds."""
-    lines = [
+
+    def cells(goal: float, ours: np.ndarray, ours_best: np.ndarray, floor: np.ndarray, floor_best: np.ndarray) -> str:
+        return (
+            f"{_mean_std(ours)} | {_percent(stability_ratio(ours.mean(), ours_best.mean()))} "
+            f"| {_mean_std(floor)} | {_percent(stability_ratio(floor.mean(), floor_best.mean()))} "
+            f"| {_difference(ours, floor)}"
+        )
+
+    header = (
         "| env | budget | seeds | sb3_trpo final | sb3_trpo final/best | sb3-contrib final | sb3-contrib final/best "
         "| difference (95% interval) |",
         "|---|---:|---|---:|---:|---:|---:|---:|",
-    ]
-    for env_id, (budget, _) in TARGETS.items():
-        seeds, returns = paired_runs(groups, env_id, budget)
-        if not seeds:
-            lines.append(f"| {env_id} | {_steps([budget])} | none | not run | | not run | | |")
-            continue
-        (ours, ours_best), (floor, floor_best) = (returns[impl] for impl in IMPL_ORDER)
-        lines.append(
-            f"| {env_id} | {_steps([budget])} | {', '.join(map(str, seeds))} "
-            f"| {_mean_std(ours)} | {_percent(stability_ratio(ours.mean(), ours_best.mean()))} "
-            f"| {_mean_std(floor)} | {_percent(stability_ratio(floor.mean(), floor_best.mean()))} "
-            f"| {_difference(ours, floor)} |"
-        )
-    return "\n".join(lines) + "\n"
+    )
+    return _per_task(groups, header, cells, "not run | | not run | |")
 
 
 def _versions(records: Sequence[dict[str, Any]]) -> str:
