@@ -21,7 +21,7 @@ from stable_baselines3.common.envs import IdentityEnv
 
 from sb3_trpo import MaskableTRPO
 from sb3_trpo.common.distributions import masked_categorical_kl
-from sb3_trpo.common.policy_step import batch_kl
+from sb3_trpo.common.policy_step import batch_fisher_vector_product, batch_kl
 from sb3_trpo.trpo_mask.trpo_mask import MaskablePolicyBatch
 from tests.helpers import dense_hessian, recording_logger, tiny_double_model
 
@@ -108,7 +108,7 @@ def test_masked_fisher_vector_product_equals_dense_kl_hessian(kind: str, method:
 
     with th.no_grad():
         old = copy.copy(model._distribution(batch))
-    product = model._fisher_vector_product_fn(batch, model._distribution(batch), old)
+    product = batch_fisher_vector_product(method, model._distribution(batch), old, batch, model.actor_parameters)
     generator = th.Generator().manual_seed(7)
     for _ in range(3):
         v = th.randn(hessian.shape[0], generator=generator, dtype=th.float64)

@@ -16,7 +16,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 
 from sb3_trpo import TRPO, RecurrentTRPO
-from sb3_trpo.common.policy_step import batch_kl, surrogate
+from sb3_trpo.common.policy_step import batch_fisher_vector_product, batch_kl, surrogate
 from sb3_trpo.common.trust_region import flatten
 from sb3_trpo.trpo_recurrent.trpo_recurrent import RecurrentPolicyBatch
 from tests.helpers import actor_vector, critic_vector, dense_hessian, recording_logger, tiny_double_model
@@ -127,7 +127,7 @@ def test_fisher_vector_product_of_lstm_policy_equals_dense_kl_hessian(kind: str,
     from_zero_states = dense_hessian(model.policy, model.actor_parameters, reference_mean_kl(model, batch, zero_states=True))
     with th.no_grad():
         old = copy.copy(model._distribution(batch))
-    product = model._fisher_vector_product_fn(batch, model._distribution(batch), old)
+    product = batch_fisher_vector_product(method, model._distribution(batch), old, batch, model.actor_parameters)
     log_std = getattr(model.policy, "log_std", None)
     network_entries = flatten([th.full_like(p, float(p is not log_std)) for p in model.actor_parameters])
     generator = th.Generator().manual_seed(7)

@@ -16,8 +16,8 @@ from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.type_aliases import PyTorchObs
 from torch import nn
 
-from sb3_trpo.common.distributions import kl_terms
-from sb3_trpo.common.trust_region import LineSearchResult, unflatten
+from sb3_trpo.common.distributions import distribution_fisher_vector_product, kl_terms
+from sb3_trpo.common.trust_region import LineSearchResult, MatrixVectorProduct, kl_hessian_vector_product, unflatten
 
 # evaluate(step fraction) -> (surrogate, KL) with the actor moved by that fraction of the full step.
 StepEvaluation = Callable[[float], tuple[float, float]]
@@ -80,6 +80,27 @@ def batch_kl(p: Distribution, q: Distribution, batch: PolicyBatch) -> BatchKL:
     """``KL(p || q)`` on the batch's samples: the one KL of the step, for its Fisher product and its check."""
     terms = kl_terms(p, q)
     return BatchKL(mean=batch.mean(terms), per_state=state_kl(terms, batch.mask))
+
+
+def batch_fisher_vector_product(
+    method: str,
+    distribution: Distribution,
+    old_distribution: Distribution,
+    batch: PolicyBatch,
+    parameters: list[nn.Parameter],
+) -> MatrixVectorProduct:
+    """The (undamped) Fisher-vector product at the old policy over ``parameters``, on the batch's samples.
+
+    :param method: ``"analytic"`` (the closed form, where the distribution has one) or
+        ``"double_backprop"`` (the Hessian-vector product of the mean :func:`batch_kl`)
+    :param distribution: the current policy's action distribution on the batch, with its graph to ``parameters``
+    :param old_distribution: the same, detached
+    """
+    if method == "analytic":
+        product = distribution_fisher_vector_product(distribution, parameters, batch.mask)
+        if product is not None:
+            return product
+    return kl_hessian_vector_product(batch_kl(distribution, old_distribution, batch).mean, parameters)
 
 
 class ActorStep:

@@ -32,7 +32,6 @@ from tqdm import TqdmExperimentalWarning
 from sb3_trpo.common.critic import CriticJob, index_observations
 from sb3_trpo.common.critic_fitter import BackgroundSetting, CriticFitter, background_pays, check_background_setting
 from sb3_trpo.common.critic_worker import background_unavailable
-from sb3_trpo.common.distributions import distribution_fisher_vector_product
 from sb3_trpo.common.loading import check_saved_by_trust_region, plain_load_errors, read_saved_data, unknown_policy_error
 from sb3_trpo.common.policies import split_actor_critic
 from sb3_trpo.common.policy_step import (
@@ -41,18 +40,16 @@ from sb3_trpo.common.policy_step import (
     PolicyStepStats,
     Restore,
     StepEvaluation,
-    batch_kl,
+    batch_fisher_vector_product,
     normalized_advantages,
     surrogate,
 )
 from sb3_trpo.common.rollout import actions_for_log_prob, collect_rollout
 from sb3_trpo.common.trust_region import (
     LineSearchResult,
-    MatrixVectorProduct,
     conjugate_gradient,
     damped,
     flatten,
-    kl_hessian_vector_product,
     max_step_size,
     no_step,
 )
@@ -81,61 +78,25 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
     sb3-contrib measures it; its Hessian at the old policy is the same Fisher matrix as that
     of the paper's ``KL(pi_old || pi_new)``.
 
-    Subclasses describe what differs as data: the policy and buffer classes they accept
-    (class attributes), and the inputs their batches carry (:class:`PolicyBatch`).
+    One update, piece by piece (:meth:`train`, then :meth:`_policy_step`):
 
-    :param policy: The policy model to use (MlpPolicy, CnnPolicy, ...)
-    :param env: The environment to learn from (if registered in Gym, can be str)
-    :param learning_rate: The learning rate for the value function, it can be a function
-        of the current progress remaining (from 1 to 0)
-    :param n_steps: The number of steps to run for each environment per update
-        (i.e. rollout buffer size is n_steps * n_envs where n_envs is number of environment copies running in parallel)
-    :param batch_size: Minibatch size for the value function
-    :param gamma: Discount factor, in (0, 1]
-    :param cg_max_steps: maximum number of steps in the Conjugate Gradient algorithm
-        for computing the Hessian vector product
-    :param cg_damping: damping in the Hessian vector product computation
-    :param n_critic_updates: number of critic updates (epochs over the rollout) per policy update
-    :param gae_lambda: Factor for trade-off of bias vs variance for Generalized Advantage Estimator, in [0, 1]
-    :param use_sde: Whether to use generalized State Dependent Exploration (gSDE)
-        instead of action noise exploration (default: False)
-    :param sde_sample_freq: Sample a new noise matrix every n steps when using gSDE
-        Default: -1 (only sample at the beginning of the rollout)
-    :param rollout_buffer_class: Rollout buffer class to use. If ``None``, it will be automatically selected.
-    :param rollout_buffer_kwargs: Keyword arguments to pass to the rollout buffer on creation
-    :param normalize_advantage: Whether to normalize or not the advantage
-    :param target_kl: Target Kullback-Leibler divergence between updates (the trust-region radius delta).
-        Should be small for stability. Values like 0.01, 0.05. It can be a function of the current
-        progress remaining (from 1 to 0), as ``learning_rate``, that is > 0 at progress 1 and 0
-    :param sub_sampling_factor: Sub-sample the batch to make computation faster
-        see p40-42 of John Schulman thesis http://joschu.net/docs/thesis.pdf
-    :param stats_window_size: Window size for the rollout logging, specifying the number of episodes to average
-        the reported success rate, mean episode length, and mean reward over
-    :param tensorboard_log: the log location for tensorboard (if None, no logging)
-    :param policy_kwargs: additional arguments to be passed to the policy on creation
-    :param verbose: the verbosity level: 0 no output, 1 info, 2 debug
-    :param seed: Seed for the pseudo random generators
-    :param device: Device (cpu, cuda, ...) on which the code should be run.
-        Setting it to auto, the code will be run on the GPU if possible.
-    :param fisher_vector_product: how the Fisher-vector product is computed: ``"analytic"``
-        (Jacobian-vector product through the distribution parameters, their closed-form
-        Fisher, and a vector-Jacobian product back; double backprop for distributions
-        without a closed form) or ``"double_backprop"`` (Hessian-vector product of the mean
-        KL, as sb3-contrib does). Both give the same product.
-    :param cg_residual_tol: conjugate gradient stops once the squared residual norm is below this
-    :param background_critic_fit: fit the critic in a forked worker process while the next
-        rollout is collected, at the lowest CPU priority (``SCHED_IDLE``: on CPU time no other
-        process wants); a fit the worker has not finished when the rollout ends is finished in
-        the training process. The numbers are those of the fit in the training process; the
-        value loss of an update is logged with the next one. ``"auto"`` (the default) does so
-        on Linux, on the CPU, with Adam/AdamW and at least two CPUs in the process's affinity,
-        for each fit whose previous rollout left at least half a CPU idle (``/proc/stat``; see
-        :class:`~sb3_trpo.common.critic_fitter.CriticFitter`): trainings that keep the CPUs busy never
-        start a worker. ``True`` always uses it (a ``ValueError`` where it cannot run; a model
-        loaded where it cannot run fits in the training process, with a warning), ``False``
-        never. The worker moves the policy's weights and the critic's Adam state to shared
-        memory; its own memory cost is given in :ref:`background-critic-fit`.
-    :param _init_setup_model: Whether or not to build the network at the creation of the instance
+    - surrogate ``E[ratio * A]``: :func:`sb3_trpo.common.policy_step.surrogate`;
+    - Fisher-vector product: :func:`sb3_trpo.common.policy_step.batch_fisher_vector_product`, the
+      closed form of :func:`sb3_trpo.common.distributions.distribution_fisher_vector_product` or the
+      Hessian-vector product (:func:`sb3_trpo.common.trust_region.kl_hessian_vector_product`) of the KL below;
+    - conjugate gradient: :func:`sb3_trpo.common.trust_region.conjugate_gradient`;
+    - maximal step: :func:`sb3_trpo.common.trust_region.max_step_size`;
+    - line search: :func:`sb3_trpo.common.trust_region.backtracking_line_search` (TRPO) or
+      :func:`sb3_trpo.common.trust_region.full_step` (NPG), in :meth:`_take_step`, moving the actor
+      with :class:`sb3_trpo.common.policy_step.ActorStep`;
+    - KL check: :func:`sb3_trpo.common.policy_step.batch_kl`, measured in
+      :meth:`sb3_trpo.common.policy_step.ActorStep.evaluate` and held to ``target_kl`` by the line search;
+    - critic: :func:`sb3_trpo.common.critic.fit_critic`, run here or in a worker process by
+      :class:`sb3_trpo.common.critic_fitter.CriticFitter` (:meth:`_fit_critic`).
+
+    Subclasses describe what differs as data: the policy and buffer classes they accept
+    (class attributes), and the inputs their batches carry (:class:`~sb3_trpo.common.policy_step.PolicyBatch`).
+    The parameters are those of :class:`sb3_trpo.NPG`, documented there.
     """
 
     # What a subclass accepts, as data: the policy base class, the action spaces, the
@@ -362,6 +323,8 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
             rollout_buffer,
             n_rollout_steps,
             wait_for_critic=functools.partial(self.finish_critic_fit, rollout_end=True),
+            critic_parameters=self.critic_parameters,
+            critic_pending=self._critic_fitter is not None and self._critic_fitter.in_progress,
         )
 
     # ------------------------------------------------------------------ update
@@ -425,7 +388,10 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         if not th.isfinite(gradient).all():
             raise NonFiniteError(f"non-finite surrogate gradient in update {update}; the weights were not changed")
 
-        fisher = damped(self._fisher_vector_product_fn(batch, distribution, old_distribution), self.cg_damping)
+        fisher_product = batch_fisher_vector_product(
+            self.fisher_vector_product, distribution, old_distribution, batch, self.actor_parameters
+        )
+        fisher = damped(fisher_product, self.cg_damping)
         cg = conjugate_gradient(fisher, gradient, max_iter=self.cg_max_steps, residual_tol=self.cg_residual_tol)
         search_direction = cg.solution
         max_step = max_step_size(search_direction, fisher(search_direction), self.current_target_kl())
@@ -452,16 +418,6 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
     def _take_step(self, evaluate: StepEvaluation, restore: Restore, objective_before: float) -> LineSearchResult:
         """Apply a fraction of the full step chosen with ``evaluate``, or ``restore`` the actor."""
         raise NotImplementedError
-
-    def _fisher_vector_product_fn(
-        self, batch: PolicyBatch, distribution: Distribution, old_distribution: Distribution
-    ) -> MatrixVectorProduct:
-        """The (undamped) Fisher-vector product at the old policy over the actor parameters."""
-        if self.fisher_vector_product == "analytic":
-            product = distribution_fisher_vector_product(distribution, self.actor_parameters, batch.mask)
-            if product is not None:
-                return product
-        return kl_hessian_vector_product(batch_kl(distribution, old_distribution, batch).mean, self.actor_parameters)
 
     # ------------------------------------------------------------------ critic
     def _fit_critic(self, update: int) -> float | None:
