@@ -1,4 +1,4 @@
-"""Optuna search spaces for NPG and TRPO, and the way back from a trial to a config entry.
+"""Optuna search spaces for NPG, TRPO and ACKTR, and the way back from a trial to a config entry.
 
 The samplers have rl-zoo3's signature ``(trial, n_actions, n_envs, additional_args) -> dict``
 and return constructor arguments. Every trial also carries, as user attributes, the
@@ -60,6 +60,36 @@ def sample_trpo_params(trial: optuna.Trial, n_actions: int, n_envs: int, additio
     _suggest_natural_gradient(trial, n_actions)
     trial.suggest_float("line_search_shrinking_factor", 0.5, 0.9)
     trial.suggest_int("line_search_max_iter", 5, 20)
+    return store_config_entry(trial)
+
+
+def sample_acktr_params(trial: optuna.Trial, n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
+    """
+    Sample ACKTR hyperparameters: the K-FAC trust region, rollout and GAE, the K-FAC critic, the network.
+
+    Same arguments as :func:`sample_npg_params`.
+
+    :return: keyword arguments for :class:`sb3_trpo.ACKTR`
+    """
+    # The model-KL radius (K-FAC's block-diagonal Fisher underestimates the KL: below TRPO's range) and the cap.
+    trial.suggest_float("target_kl", 1e-4, 0.02, log=True)
+    trial.suggest_categorical("target_kl_schedule", ["constant", "linear"])
+    trial.suggest_float("max_lr", 0.05, 2.0, log=True)
+    trial.suggest_float("kfac_damping", 1e-4, 0.1, log=True)
+    trial.suggest_categorical("kfac_decay", [0.0, 0.5, 0.9])
+    trial.suggest_int("n_steps_pow", 6, 11)
+    trial.suggest_float("one_minus_gamma", 1e-4, 0.1, log=True)
+    trial.suggest_float("one_minus_gae_lambda", 1e-3, 0.2, log=True)
+    # The critic: fraction of the Gauss-Newton step, its KL bound, epochs, minibatch (at most n_steps).
+    trial.suggest_float("learning_rate", 0.05, 1.0, log=True)
+    trial.suggest_float("critic_target_kl", 0.01, 10.0, log=True)
+    trial.suggest_int("n_critic_updates", 1, 20)
+    trial.suggest_int("batch_size_pow", 6, 11)
+    trial.suggest_categorical("net_arch", list(NET_ARCHS))
+    trial.suggest_categorical("activation_fn", list(ACTIVATION_FNS))
+    trial.suggest_categorical("ortho_init", [True, False])
+    if n_actions > 0:
+        trial.suggest_float("log_std_init", -3.0, 1.0)
     return store_config_entry(trial)
 
 

@@ -53,6 +53,7 @@ from sb3_trpo.hyperparams import (
     Sampler,
     config_entry,
     entry_params,
+    sample_acktr_params,
     sample_npg_params,
     sample_trpo_lstm_params,
     sample_trpo_mask_params,
@@ -106,6 +107,7 @@ ZOO_ALGORITHMS: dict[str, ZooAlgorithm] = {
     "npg": ZooAlgorithm("NPG", sample_npg_params),
     "trpo_lstm": ZooAlgorithm("RecurrentTRPO", sample_trpo_lstm_params, "trpo_lstm.yml"),
     "trpo_mask": ZooAlgorithm("MaskableTRPO", sample_trpo_mask_params, "trpo_mask.yml"),
+    "acktr": ZooAlgorithm("ACKTR", sample_acktr_params, "acktr.yml"),
 }
 
 # The demonstration task of trpo_mask: an environment with action_masks().

@@ -27,7 +27,9 @@ from torch import nn
 
 import sb3_trpo
 from sb3_trpo import ACKTR, NonFiniteError
+from tests.test_algorithm import NaNRewardAfter
 
+CONFIG = Path(sb3_trpo.__file__).parent / "zoo_configs" / "acktr.yml"
 SMALL: dict[str, Any] = dict(n_steps=64, batch_size=32, n_critic_updates=2, seed=0, policy_kwargs=dict(net_arch=[16]))
 
 
@@ -156,29 +158,13 @@ def test_save_load_keeps_the_factor_state(tmp_path: Path) -> None:
     assert loaded.actor_factors.n_updates == model.actor_factors.n_updates + 1
 
 
-class NonFiniteAfter(gym.Wrapper):
-    def __init__(self, env: gym.Env, steps: int, value: float, in_observation: bool):
-        super().__init__(env)
-        self.steps, self.value, self.in_observation, self.count = steps, value, in_observation, 0
-
-    def step(self, action):
-        obs, reward, terminated, truncated, info = self.env.step(action)
-        self.count += 1
-        if self.count > self.steps:
-            if self.in_observation:
-                obs = np.full_like(obs, self.value)
-            else:
-                reward = self.value
-        return obs, reward, terminated, truncated, info
-
-
 @pytest.mark.parametrize(
     ("value", "in_observation", "what"), [(float("nan"), False, "rewards"), (float("inf"), True, "observations")]
 )
 def test_non_finite_rollout_stops_training_with_weights_and_factors_untouched(
     value: float, in_observation: bool, what: str
 ) -> None:
-    env = DummyVecEnv([lambda: NonFiniteAfter(gym.make("Pendulum-v1"), 64 + 10, value, in_observation)])
+    env = DummyVecEnv([lambda: NaNRewardAfter(gym.make("Pendulum-v1"), 64 + 10, value, in_observation)])
     model = ACKTR("MlpPolicy", env, **SMALL)
     model.learn(64)
     before = [p.detach().clone() for p in model.policy.parameters()]
@@ -210,10 +196,35 @@ def test_exported_from_the_package() -> None:
     assert "ACKTR" in sb3_trpo.__all__
 
 
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "CartPole-v1"])
+def test_sampled_hyperparameters_build_a_model(env_id: str) -> None:
+    import optuna
+
+    from sb3_trpo.hyperparams import sample_acktr_params
+
+    n_actions = 1 if env_id == "Pendulum-v1" else 0
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(5):
+        trial = study.ask()
+        params = sample_acktr_params(trial, n_actions, 1, {})
+        model = ACKTR("MlpPolicy", env_id, **params)
+        assert model.target_kl == params["target_kl"] and model.max_lr == params["max_lr"]
+        study.tell(trial, 0.0)
+
+
+def test_registered_with_rl_zoo3() -> None:
+    from rl_zoo3.hyperparams_opt import HYPERPARAMS_SAMPLER
+    from rl_zoo3.utils import ALGOS
+
+    from sb3_trpo import zoo
+    from sb3_trpo.hyperparams import sample_acktr_params
+
+    assert "acktr" in zoo.register()
+    assert ALGOS["acktr"] is ACKTR and HYPERPARAMS_SAMPLER["acktr"] is sample_acktr_params
+    assert (zoo.CONFIG_DIR / zoo.ZOO_ALGORITHMS["acktr"].config) == CONFIG
+
+
 # ------------------------------------------------------------------ learning (slow)
-CONFIG = Path(sb3_trpo.__file__).parent / "zoo_configs" / "acktr.yml"
-
-
 def train_and_evaluate(env_id: str, seed: int) -> float:
     """Train with the packaged zoo entry, then 10 deterministic evaluation episodes."""
     settings = dict(yaml.safe_load(CONFIG.read_text())[env_id])

@@ -111,7 +111,9 @@ class ACKTR(OnPolicyAlgorithm):
     :param max_lr: the actor's largest step size ``eta_max`` (the step is at most ``max_lr * F^-1 g``), > 0
     :param ent_coef: Entropy coefficient of the actor's objective, >= 0
     :param kfac_damping: Tikhonov damping ``lambda`` of the Kronecker factors, > 0 (actor and critic)
-    :param kfac_decay: weight of the old factors in their running average, in [0, 1)
+    :param kfac_decay: weight of the old factors in their running average, in [0, 1). 0 (the default)
+        uses each update's rollout alone: averaging over updates mixes in the curvature of
+        earlier policies, which makes the model KL of the step understate the measured one
     :param inverse_update_interval: the factors' inverses are recomputed every this many K-FAC
         steps (of the actor; of the critic, counting its minibatch steps), >= 1
     :param n_critic_updates: number of epochs of critic K-FAC steps over the rollout per update, >= 0
@@ -157,7 +159,7 @@ class ACKTR(OnPolicyAlgorithm):
         max_lr: float = 0.25,
         ent_coef: float = 0.0,
         kfac_damping: float = 0.01,
-        kfac_decay: float = 0.95,
+        kfac_decay: float = 0.0,
         inverse_update_interval: int = 1,
         n_critic_updates: int = 10,
         critic_target_kl: float = 0.5,
