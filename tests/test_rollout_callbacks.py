@@ -20,6 +20,7 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList, EvalC
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import SimpleMultiObsEnv
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+from stable_baselines3.common.policies import ActorCriticPolicy
 
 from sb3_trpo import TRPO
 from sb3_trpo.common import rollout_locals
@@ -175,18 +176,22 @@ def test_a_callback_writing_weights_is_seen_and_changes_values_from_its_step() -
 
 
 def test_outputs_are_computed_only_when_read(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[str] = []
-    original = rollout_locals.Deferred.get
+    calls: list[int] = []
+    original = ActorCriticPolicy.predict_values
 
-    def counting(self: rollout_locals.Deferred) -> Any:
-        calls.append("get")
-        return original(self)
+    def counting(self: ActorCriticPolicy, obs: Any) -> th.Tensor:
+        calls.append(len(obs))
+        return original(self, obs)
 
-    monkeypatch.setattr(rollout_locals.Deferred, "get", counting)
+    monkeypatch.setattr(ActorCriticPolicy, "predict_values", counting)
     _run(TRPO.collect_rollouts, "mlp-box", "reads-infos")
-    assert calls == []
+    # The model's construction (split_actor_critic, one observation), the batched pass (16 steps
+    # of 2 environments), the last step's outputs, which self.locals keeps after the rollout
+    # (computed before the update changes the weights), the last values.
+    assert calls == [1, 32, 2, 2]
+    calls.clear()
     _run(TRPO.collect_rollouts, "mlp-box", "reads-outputs")
-    assert len(calls) >= 16 * 3
+    assert calls == [1] + [2] * 16 + [32, 2]
 
 
 def test_lazy_locals_compute_on_every_kind_of_read() -> None:

@@ -27,7 +27,7 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, ConvertCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.type_aliases import PyTorchObs
@@ -200,6 +200,8 @@ class BatchedRollout:
         self._wait_for_critic = wait_for_critic
         self._critic_parameters = critic_parameters
         self._critic_pending = critic_pending
+        # learn(callback=None) calls an empty ConvertCallback, which can write nothing.
+        self._callback_runs_code = not (type(callback) is ConvertCallback and callback.callback is None)
         self._critic_final = False
         self._written: list[int] | None = None  # set once a callback wrote a weight: SB3's loop runs from there on
         self.bootstraps = TruncationBootstraps()
@@ -258,11 +260,12 @@ class BatchedRollout:
             )
             callback.update_locals(frame)
             proceed = callback.on_step()
-            if self._written is None and self.watch.written():
+            if self._written is None and self._callback_runs_code and self.watch.written():
                 values, log_probs = self._switch_to_sb3_loop(values, log_probs)
             if not proceed:
                 if self._written is None:
                     self._fill_buffer()
+                    self._compute_pending_locals()
                 return False
             model._update_info_buffer(infos, dones)
             n_steps += 1
@@ -275,6 +278,7 @@ class BatchedRollout:
             model._last_episode_starts = dones
         if self._written is None:
             self._fill_buffer()
+            self._compute_pending_locals()
             if self.watch.unseen_actor_writes() or not recognised_policy(policy):
                 raise RuntimeError(
                     "a callback changed the policy during the rollout in a way the batched rollout cannot follow "
@@ -328,9 +332,14 @@ class BatchedRollout:
         self._written = self.watch.written()
         with self.watch.start_weights(self._written):
             self._fill_buffer()
-            for entry in ("obs_tensor", "values", "log_probs", "terminal_value"):
-                self.frame.get(entry)  # computed now, from the weights of the step they belong to
+            self._compute_pending_locals()
             return values.get(), log_probs.get()
+
+    def _compute_pending_locals(self) -> None:
+        """Compute the deferred entries a callback may still read, while the weights are those they belong to
+        (after this rollout, ``self.locals`` keeps them, as SB3's loop leaves its last step's)."""
+        for entry in ("obs_tensor", "values", "log_probs", "terminal_value"):
+            self.frame.get(entry)
 
     # -------------------------------------------------------------- the buffer
     def _bootstrap(self, rewards: np.ndarray, dones: np.ndarray, infos: list[dict[str, Any]]) -> None:

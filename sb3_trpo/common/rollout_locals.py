@@ -127,7 +127,8 @@ class LazyLocals(dict):
 
 
 def callbacks_in(callback: BaseCallback) -> list[BaseCallback]:
-    """``callback`` and every callback reachable from its attributes (children of lists, events, evaluations)."""
+    """``callback`` and every callback among its attributes, and in lists or tuples there, and theirs (children of
+    lists, events, evaluations)."""
     found: dict[int, BaseCallback] = {}
     stack: list[Any] = [callback]
     while stack:
@@ -136,10 +137,8 @@ def callbacks_in(callback: BaseCallback) -> list[BaseCallback]:
             if id(item) not in found:
                 found[id(item)] = item
                 stack.extend(vars(item).values())
-        elif isinstance(item, list | tuple | set | frozenset):
+        elif isinstance(item, list | tuple):
             stack.extend(item)
-        elif type(item) is dict:
-            stack.extend(item.values())
     return list(found.values())
 
 
