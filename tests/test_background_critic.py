@@ -31,7 +31,6 @@ import sb3_trpo.common.critic as critic
 import sb3_trpo.common.critic_fitter as critic_fitter
 import sb3_trpo.common.critic_worker as critic_worker
 import sb3_trpo.common.os_process as os_process
-import sb3_trpo.common.rollout as rollout
 from sb3_trpo import TRPO, MaskableTRPO, NonFiniteError, RecurrentTRPO
 from sb3_trpo.common.critic import CriticSnapshot, regress
 from sb3_trpo.common.critic_worker import background_unavailable
@@ -71,13 +70,6 @@ class AtRolloutStep(BaseCallback):
 
 def sequential_reference(updates: int) -> TRPO:
     return TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=False, **SMALL).learn(updates * SMALL["n_steps"])
-
-
-@pytest.fixture(autouse=True)
-def batched_rollout_with_test_callbacks(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The test callbacks never change the policy: the batched rollout runs, during which a fit runs in the worker
-    (SB3's loop, for callbacks it does not know, collects the fit first)."""
-    monkeypatch.setattr(rollout, "WEIGHT_NEUTRAL_CALLBACKS", rollout.WEIGHT_NEUTRAL_CALLBACKS | {AtRolloutStep})
 
 
 @pytest.fixture
@@ -139,9 +131,6 @@ class Ready(BaseCallback):
             print("ready", worker_pid(self.model), flush=True)
             time.sleep({CHILD_TIMEOUT_S})
         return True
-
-import sb3_trpo.common.rollout as rollout
-rollout.WEIGHT_NEUTRAL_CALLBACKS = rollout.WEIGHT_NEUTRAL_CALLBACKS | {{Ready}}  # the batched rollout runs
 """
 
 
