@@ -1,4 +1,4 @@
-"""Train TRPO on Pendulum-v1 with rl-zoo3's tuned settings (about a minute on 2 CPU cores), then evaluate it.
+"""Train TRPO on Pendulum-v1 with rl-zoo3's tuned settings for 100,000 steps, then evaluate it over 10 episodes.
 
 python examples/quickstart.py [--timesteps 100000] [--seed 0]
 """
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 
+import torch as th
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 
@@ -18,6 +19,9 @@ def main() -> None:
     parser.add_argument("--timesteps", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    # A small MLP trains fastest on one thread, and the run is then the one whose result README.md states
+    # (another thread count sums in another order, and the training drifts apart from there).
+    th.set_num_threads(1)
 
     env = make_vec_env("Pendulum-v1", n_envs=2, seed=args.seed)
     # rl-zoo3's tuned TRPO hyperparameters for Pendulum-v1.
