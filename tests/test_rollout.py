@@ -190,7 +190,7 @@ def _assert_same_rollout(ours: TRPO, sb3: TRPO) -> None:
     # Monitor's episode records without their wall-clock time "t".
     episodes = [[(info["r"], info["l"]) for info in model.ep_info_buffer] for model in (ours, sb3)]  # type: ignore[union-attr]
     assert episodes[0] == episodes[1]
-    assert ours.policy.training is sb3.policy.training is False
+    assert ours.policy.training is sb3.policy.training
     assert all(
         th.equal(x, y) for x, y in zip(ours.policy.state_dict().values(), sb3.policy.state_dict().values(), strict=True)
     )
@@ -258,6 +258,7 @@ def test_rollout_leaves_what_sb3_leaves(name: str) -> None:
     assert ours.batched is case["batched"]
     assert (ours.returned, ours.callback_calls) == (sb3.returned, sb3.callback_calls)
     _assert_same_rollout(ours.model, sb3.model)
+    assert ours.model.policy.training is False
 
 
 def test_cases_hold_what_they_are_named_for() -> None:

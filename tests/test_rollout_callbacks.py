@@ -92,6 +92,17 @@ class StopsAt(Recording):
         return self.n_calls < K
 
 
+class ResetsEnvAndMode(Recording):
+    """At step K: the policy to training mode, the environments reset (as a curriculum might); SB3's loop
+    stores the reset observations with the step's action, whose outputs came from the observations before."""
+
+    def act(self) -> bool:
+        if self.n_calls == K:
+            self.model.policy.set_training_mode(True)
+            self.model._last_obs = self.training_env.reset()
+        return True
+
+
 class MyEval(EvalCallback):
     """A user's subclass of EvalCallback, with a recording child."""
 
@@ -104,6 +115,7 @@ CALLBACKS: dict[str, Callable[[Any], BaseCallback]] = {
     "edits-weights": lambda make_env: EditsWeights(),
     "draws-rng": lambda make_env: DrawsRandomNumbers(),
     "stops": lambda make_env: StopsAt(),
+    "resets-env-and-mode": lambda make_env: ResetsEnvAndMode(),
 }
 
 
