@@ -107,7 +107,8 @@ class ActorStep:
     """The actor moved by fractions of a full step from where it is when this is made, and measured there.
 
     :meth:`evaluate` and :meth:`restore` are the ``evaluate`` and ``restore`` of
-    :func:`~sb3_trpo.common.trust_region.backtracking_line_search`.
+    :func:`~sb3_trpo.common.trust_region.backtracking_line_search`; ``largest_state_kl`` is the
+    largest per-state KL at the fraction evaluated last (0 before any), the logged ``max_kl``.
 
     :param parameters: the actor's parameters
     :param full_step: the full step, flat
@@ -130,7 +131,6 @@ class ActorStep:
         self.distribution = distribution
         self.batch = batch
         self.old_distribution = old_distribution
-        # The largest per-state KL at the last evaluated fraction (0 before any).
         self.largest_state_kl = 0.0
 
     def evaluate(self, fraction: float) -> tuple[float, float]:

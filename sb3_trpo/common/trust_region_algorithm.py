@@ -56,10 +56,9 @@ from sb3_trpo.common.trust_region import (
 from sb3_trpo.common.validation import (
     NonFiniteError,
     check_action_space,
-    check_finite,
     check_hyperparameter,
     check_hyperparameters,
-    observation_arrays,
+    check_rollout_finite,
     warn_truncated_batch,
 )
 
@@ -333,7 +332,7 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         update = self._n_updates + 1
-        self._check_rollout_finite(update)
+        check_rollout_finite(self.rollout_buffer, update)
 
         batch = self._policy_batch()
         stats = self._policy_step(batch, update)
@@ -341,12 +340,6 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
 
         self._n_updates += 1
         self._log_update(stats, value_loss)
-
-    def _check_rollout_finite(self, update: int) -> None:
-        buffer = self.rollout_buffer
-        check_finite("observations", observation_arrays(buffer.observations), update)
-        for what in ("rewards", "values", "advantages", "returns"):
-            check_finite(what, [getattr(buffer, what)], update)
 
     def _policy_batch(self) -> PolicyBatch:
         """The whole rollout (every ``sub_sampling_factor``-th sample) as one batch."""

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 from gymnasium import spaces
+from stable_baselines3.common.buffers import RolloutBuffer
 
 
 class NonFiniteError(ValueError):
@@ -86,6 +87,13 @@ def check_finite(what: str, arrays: list[np.ndarray], update: int) -> None:
     for array in arrays:
         if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
             raise NonFiniteError(f"non-finite {what} in the rollout of update {update}; the weights were not changed")
+
+
+def check_rollout_finite(buffer: RolloutBuffer, update: int) -> None:
+    """Raise :class:`NonFiniteError` if the rollout's observations, rewards, values, advantages or returns are not finite."""
+    check_finite("observations", observation_arrays(buffer.observations), update)
+    for what in ("rewards", "values", "advantages", "returns"):
+        check_finite(what, [getattr(buffer, what)], update)
 
 
 def observation_arrays(observations: np.ndarray | dict[str, np.ndarray]) -> list[np.ndarray]:
