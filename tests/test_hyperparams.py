@@ -20,6 +20,7 @@ from sb3_trpo.hyperparams import (
     config_entry,
     convert_params,
     entry_params,
+    sample_acktr_params,
     sample_npg_params,
     sample_trpo_lstm_params,
     sample_trpo_mask_params,
@@ -96,7 +97,7 @@ def test_every_sampled_npg_configuration_completes_an_update() -> None:
         study.tell(trial, 0.0)
 
 
-SAMPLERS = [sample_npg_params, sample_trpo_params, sample_trpo_mask_params, sample_trpo_lstm_params]
+SAMPLERS = [sample_npg_params, sample_trpo_params, sample_trpo_mask_params, sample_trpo_lstm_params, sample_acktr_params]
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda sampler: sampler.__name__)
