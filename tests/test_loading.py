@@ -15,7 +15,7 @@ import stable_baselines3 as sb3
 import torch as th
 from stable_baselines3.common.env_util import make_vec_env
 
-from sb3_trpo import NPG, TRPO, MaskableTRPO, RecurrentTRPO
+from sb3_trpo import ACKTR, NPG, TRPO, MaskableTRPO, RecurrentTRPO
 
 NON_RECURRENT = [TRPO, NPG, MaskableTRPO]
 
@@ -60,11 +60,20 @@ OTHER_ALGORITHMS: list[tuple[str, Callable, str]] = [
 def test_zip_of_another_algorithm_is_refused_naming_it(name, make, saved_by, tmp_path: Path) -> None:
     path = _save(make(), tmp_path / "other.zip")
     loader = MaskableTRPO if name == "MaskablePPO" else TRPO
-    with pytest.raises(ValueError, match="was not saved by a trust-region algorithm") as raised:
+    refused = "was not saved by TRPO, NPG, MaskableTRPO, RecurrentTRPO or sb3-contrib's TRPO"
+    with pytest.raises(ValueError, match=refused) as raised:
         loader.load(path)
     message = str(raised.value)
     # Exactly the saving algorithm: A2C's zip is not blamed on PPO, nor PPO's on A2C.
     assert f"it was saved by {saved_by}: load it with {name}.load(...)" in message
+
+
+def test_zip_of_an_unknown_algorithm_is_refused_naming_its_policy_class(tmp_path: Path) -> None:
+    """ACKTR's zip (no conjugate gradient, not an SB3 or sb3-contrib algorithm): the policy class is what it names."""
+    path = _save(ACKTR("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=64), tmp_path / "acktr.zip")
+    policy = ACKTR.policy_aliases["MlpPolicy"]
+    with pytest.raises(ValueError, match=f"its policy class: {policy.__module__}.{policy.__qualname__}"):
+        TRPO.load(path)
 
 
 def test_zips_of_trust_region_algorithms_still_load(tmp_path: Path) -> None:

@@ -3,11 +3,14 @@
 A zip that SB3's ``save`` wrote holds no algorithm name. Which algorithm saved it is read from
 its ``data`` entry, the saved attributes of the model:
 
-- a trust-region algorithm (this package's, or sb3-contrib's ``TRPO``) saves the hyperparameters
-  ``cg_max_steps`` and ``n_critic_updates`` (:data:`TRUST_REGION_KEYS`); such a zip loads;
+- an algorithm of the conjugate-gradient trust-region family (``TrustRegionAlgorithm``'s
+  subclasses, and sb3-contrib's ``TRPO``) saves the hyperparameters ``cg_max_steps`` and
+  ``n_critic_updates`` (:data:`TRUST_REGION_KEYS`); such a zip loads;
 - any other zip is refused, naming the Stable-Baselines3 or sb3-contrib algorithms whose policy
   aliases hold the zip's ``policy_class``; of those sharing a policy class, PPO and its variants
-  are told from A2C by the ``clip_range`` they save.
+  are told from A2C by the ``clip_range`` they save, A2C from algorithms that fit their critic
+  separately by ``n_critic_updates``; a zip of none of them (this package's ACKTR, a custom
+  algorithm) is refused naming its policy class.
 """
 
 from __future__ import annotations
@@ -27,8 +30,12 @@ import stable_baselines3
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.save_util import json_to_data, open_path
 
-# Saved by every trust-region algorithm (set by its constructor) and by no other SB3 or sb3-contrib algorithm.
+# Saved by every conjugate-gradient trust-region algorithm (set by its constructor) and by no other SB3 or
+# sb3-contrib algorithm.
 TRUST_REGION_KEYS = ("cg_max_steps", "n_critic_updates")
+# Hyperparameters that tell apart algorithms sharing a policy class: PPO's family and A2C (and
+# A2C and algorithms fitting their critic separately, such as this package's ACKTR).
+TELLING_KEYS = ("clip_range", "n_critic_updates")
 
 
 def unknown_policy_error(algorithm: str, name: str, aliases: Mapping[str, type]) -> ValueError:
@@ -109,26 +116,32 @@ def _library_algorithms() -> list[type[BaseAlgorithm]]:
     return [cls for cls in classes if isinstance(cls, type) and issubclass(cls, BaseAlgorithm)]
 
 
+def _saved_policy_class(saved: dict) -> Any:
+    """The zip's policy class, unpickled as SB3's load does; ``None`` where it cannot be."""
+    policy_class = saved.get("policy_class")
+    if not isinstance(policy_class, dict):
+        return policy_class
+    try:
+        return json_to_data(json.dumps({"policy_class": policy_class}))["policy_class"]
+    except Exception:
+        return None
+
+
 def saving_algorithms(saved: dict) -> list[type[BaseAlgorithm]]:
     """
     The Stable-Baselines3 and sb3-contrib algorithms that may have saved a zip.
 
     :param saved: the zip's data, as :func:`read_saved_data` returns it
     :return: the algorithms, trust-region ones aside, whose policy aliases hold the saved policy
-        class and that save ``clip_range`` exactly when the zip has it; empty when none does
+        class and that save each of :data:`TELLING_KEYS` exactly when the zip has it; empty when none does
     """
-    policy_class = saved.get("policy_class")
-    if isinstance(policy_class, dict):
-        try:
-            policy_class = json_to_data(json.dumps({"policy_class": policy_class}))["policy_class"]
-        except Exception:
-            return []
+    policy_class = _saved_policy_class(saved)
     candidates = [
         cls
         for cls in _library_algorithms()
         if policy_class in cls.policy_aliases.values() and not _saves(cls, TRUST_REGION_KEYS)
     ]
-    return [cls for cls in candidates if _saves(cls, ("clip_range",)) == ("clip_range" in saved)]
+    return [cls for cls in candidates if all(_saves(cls, (key,)) == (key in saved) for key in TELLING_KEYS)]
 
 
 def _library(cls: type) -> str:
@@ -137,7 +150,7 @@ def _library(cls: type) -> str:
 
 def check_saved_by_trust_region(algorithm: str, path: Any, saved: dict) -> None:
     """
-    Refuse a zip that no trust-region algorithm saved, naming the algorithm that did.
+    Refuse a zip that no conjugate-gradient trust-region algorithm saved, naming the algorithm that did.
 
     :param algorithm: the class name of the algorithm loading the zip
     :param path: the zip, for the message
@@ -152,10 +165,12 @@ def check_saved_by_trust_region(algorithm: str, path: Any, saved: dict) -> None:
         loaders = " or ".join(f"{cls.__name__}.load(...) (from {_library(cls)} import {cls.__name__})" for cls in found)
         told = f"it was saved by {names}: load it with {loaders}"
     else:
-        told = "load it with the algorithm class that saved it"
+        policy_class = _saved_policy_class(saved)
+        policy = f"{policy_class.__module__}.{policy_class.__qualname__}" if isinstance(policy_class, type) else "unknown"
+        told = f"load it with the algorithm class that saved it (its policy class: {policy})"
     raise ValueError(
-        f"{path} was not saved by a trust-region algorithm (its data has no {' or '.join(TRUST_REGION_KEYS)}), "
-        f"so {algorithm} cannot load it; {told}."
+        f"{path} was not saved by TRPO, NPG, MaskableTRPO, RecurrentTRPO or sb3-contrib's TRPO (its data has no "
+        f"{' or '.join(TRUST_REGION_KEYS)}), so {algorithm} cannot load it; {told}."
     )
 
 
