@@ -145,6 +145,8 @@ def test_readme_quotes_measured_figures_only_in_its_headline_section() -> None:
     rest = QUICKSTART_RESULT.sub("", rest)  # checked against a run by test_quickstart_prints_what_the_docs_state
     lines = [line for line in rest.splitlines() if MEASURED_FIGURE.search(line) or re.search(r"\d\.\d+e-\d", line)]
     assert lines == []
+    # Nor durations: they hold on an idle machine only.
+    assert not re.search(r"\b(?:a|an|\d+) (?:seconds?|minutes?|hours?)\b", rest)
 
 
 def stated_quickstart_results() -> dict[str, list[str]]:
