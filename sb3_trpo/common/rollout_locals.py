@@ -185,7 +185,10 @@ class PolicyWatch:
 
     def written(self) -> list[int]:
         """The indices of the watched weights written since the start."""
-        pairs = enumerate(zip(self._marks, write_marks(self._tensors), strict=True))
+        marks = write_marks(self._tensors)
+        if marks == self._marks:
+            return []
+        pairs = enumerate(zip(self._marks, marks, strict=True))
         return [index for index, (old, new) in pairs if old != new and index not in self._unwatched]
 
     def settle(self) -> None:
