@@ -128,7 +128,7 @@ def test_hidden_layers_measured_kl_is_reported() -> None:
 
 
 def test_max_lr_caps_the_step() -> None:
-    model = ACKTR("MlpPolicy", "CartPole-v1", n_steps=256, target_kl=10.0, max_lr=1e-3, seed=0)
+    model = ACKTR("MlpPolicy", "CartPole-v1", n_steps=256, batch_size=256, target_kl=10.0, max_lr=1e-3, seed=0)
     records = recording(model)
     model.learn(256)
     assert records["train/step_size"] == 1e-3

@@ -37,10 +37,10 @@ from sb3_trpo.common.rollout import actions_for_log_prob, collect_rollout
 from sb3_trpo.common.validation import (
     NonFiniteError,
     check_action_space,
-    check_finite,
     check_hyperparameter,
     check_hyperparameters,
-    observation_arrays,
+    check_rollout_finite,
+    warn_truncated_batch,
 )
 
 SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
@@ -225,6 +225,8 @@ class ACKTR(OnPolicyAlgorithm):
         )
         if getattr(self, "action_space", None) is not None:
             check_action_space(type(self).__name__, self.action_space, self.supported_action_spaces)
+        if self.env is not None:
+            warn_truncated_batch(batch_size, self.n_steps, self.env.num_envs)
         if self.env is not None and normalize_advantage:
             size = self.env.num_envs * self.n_steps
             check_hyperparameter("n_steps * n_envs", size, size > 1, "> 1 with normalize_advantage=True")
@@ -303,12 +305,9 @@ class ACKTR(OnPolicyAlgorithm):
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         update = self._n_updates + 1
-        buffer = self.rollout_buffer
-        check_finite("observations", observation_arrays(buffer.observations), update)
-        for what in ("rewards", "values", "advantages", "returns"):
-            check_finite(what, [getattr(buffer, what)], update)
+        check_rollout_finite(self.rollout_buffer, update)
 
-        (data,) = list(buffer.get(batch_size=None))
+        (data,) = list(self.rollout_buffer.get(batch_size=None))
         actor, kl, entropy = self._actor_step(data, update)
         critic = self._critic_steps(update)
 
