@@ -297,3 +297,33 @@ def test_changes_torch_does_not_count_raise_at_the_end_of_the_rollout(callback: 
             _run(TRPO.collect_rollouts, "mlp-box", "uncounted")
     finally:
         del CALLBACKS["uncounted"]
+
+
+class WritesTheCriticDuringTheFit(BaseCallback):
+    """At the first step of the second rollout (the first fit then runs in the worker), writes a critic weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fit_in_progress: bool | None = None
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps == SMALL["n_steps"] + 1:
+            self.fit_in_progress = self.model.critic_fitter.in_progress
+            with th.no_grad():
+                self.model.policy.value_net.bias.add_(1.0)
+        return True
+
+
+def test_a_critic_write_racing_the_background_fit_stops_with_an_error() -> None:
+    model = TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=True, **SMALL)
+    callback = WritesTheCriticDuringTheFit()
+    try:
+        with pytest.raises(RuntimeError, match="background_critic_fit=False"):
+            model.learn(3 * SMALL["n_steps"], callback=callback)
+        assert callback.fit_in_progress is True
+    finally:
+        model.critic_fitter.close()
+    # Without the background fit the same write is followed exactly, as every weight write is.
+    callback = WritesTheCriticDuringTheFit()
+    TRPO("MlpPolicy", "Pendulum-v1", background_critic_fit=False, **SMALL).learn(3 * SMALL["n_steps"], callback=callback)
+    assert callback.fit_in_progress is False

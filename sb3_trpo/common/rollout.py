@@ -260,8 +260,15 @@ class BatchedRollout:
             )
             callback.update_locals(frame)
             proceed = callback.on_step()
-            if self._written is None and self._callback_runs_code and self.watch.written():
-                values, log_probs = self._switch_to_sb3_loop(values, log_probs)
+            if self._written is None and self._callback_runs_code:
+                if self.watch.critic_written_during_fit():
+                    raise RuntimeError(
+                        "a callback wrote the critic's weights while the critic was being fitted in the background "
+                        "(background_critic_fit), so the fit and the write raced; SB3 fits the critic before the "
+                        "rollout: pass background_critic_fit=False to train with such a callback"
+                    )
+                if self.watch.written():
+                    values, log_probs = self._switch_to_sb3_loop(values, log_probs)
             if not proceed:
                 if self._written is None:
                     self._fill_buffer()

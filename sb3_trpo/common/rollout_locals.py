@@ -191,6 +191,17 @@ class PolicyWatch:
         pairs = enumerate(zip(self._marks, marks, strict=True))
         return [index for index, (old, new) in pairs if old != new and index not in self._unwatched]
 
+    def critic_written_during_fit(self) -> bool:
+        """Whether this process wrote the critic's weights while its background fit may still be writing them.
+
+        The worker process writes them through shared memory, which leaves this process's version
+        counters as they were: a counted write here comes from the training process itself.
+        """
+        if not self._unwatched:
+            return False
+        marks = write_marks(self._tensors)
+        return any(marks[index] != self._marks[index] for index in self._unwatched)
+
     def settle(self) -> None:
         """The critic's fit has finished: the critic's weights start from their values now, and are watched."""
         for index in self._unwatched:
