@@ -10,7 +10,9 @@ the training mode and BatchNorm's running statistics.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import gymnasium as gym
@@ -30,15 +32,16 @@ from stable_baselines3.common.utils import obs_as_tensor
 from stable_baselines3.common.vec_env import VecEnvWrapper, VecNormalize
 from torch import nn
 
+import sb3_trpo
 from sb3_trpo import NPG, TRPO, MaskableTRPO, RecurrentTRPO
 from sb3_trpo.common import rollout_gate
 from sb3_trpo.common.exact_sampler import (
     ELEMENTWISE_GRAIN_SIZE,
     action_sampler,
     gaussian_mlp_sampler,
-    mkl_thread_setter,
     one_thread_gives_the_same_bits,
 )
+from sb3_trpo.common.native import mkl_thread_setter
 from sb3_trpo.common.policies import split_actor_critic
 from sb3_trpo.common.rollout_gate import batched_rollout_sampler
 from sb3_trpo.tuning.signals import SignalStop, SignalStopCallback
@@ -626,3 +629,12 @@ def test_nan_standard_deviation_without_argument_checks_draws_as_sb3() -> None:
         th.distributions.Distribution.set_default_validate_args(validate)
     assert np.isnan(expected).all() and np.array_equal(actions, expected, equal_nan=True)
     assert th.equal(th.get_rng_state(), generator_after_ours)  # the same draws were consumed
+
+
+def test_ctypes_is_imported_by_one_module_of_the_package_only() -> None:
+    """Every call into a C library goes through common/native.py, the one place to review and to port."""
+    package = Path(sb3_trpo.__file__).parent
+    uses_ctypes = re.compile(r"^\s*(import|from) ctypes\b", re.M)
+    sources = package.rglob("*.py")
+    importers = sorted(str(path.relative_to(package)) for path in sources if uses_ctypes.search(path.read_text()))
+    assert importers == ["common/native.py"]

@@ -2,18 +2,16 @@
 
 The rollout's exactness rests on what torch does inside: which kernels a product runs, which
 hooks a module call runs, which writes a parameter has seen. What is read for that through
-torch's private names (module attributes, tensor version counters) and through ``ctypes``
-(MKL's thread setting in ``libtorch_cpu.so``) is here and nowhere else, each checked before
-use: where a torch release no longer has one of them, :func:`torch_internals_present` is
+torch's private names (module attributes, tensor version counters) is here and nowhere else,
+and MKL's thread setting in ``libtorch_cpu.so`` is called through :mod:`sb3_trpo.common.native`;
+each is checked before use: where a torch release no longer has one of them, :func:`torch_internals_present` is
 False and every rollout runs SB3's own loop.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from collections.abc import Callable, Iterable
-from pathlib import Path
 
 import numpy as np
 import torch as th
@@ -25,6 +23,8 @@ from stable_baselines3.common.torch_layers import FlattenExtractor
 from stable_baselines3.common.utils import obs_as_tensor
 from torch import nn
 from torch.nn import functional as F
+
+from sb3_trpo.common.native import mkl_thread_setter
 
 Observations = np.ndarray | dict[str, np.ndarray]
 ActionSampler = Callable[[Observations], np.ndarray]
@@ -183,23 +183,6 @@ def _linear(parameters: dict[str, nn.Parameter | None]) -> Callable[[th.Tensor],
 
 
 @functools.cache
-def mkl_thread_setter() -> Callable[[int], int] | None:
-    """MKL's ``mkl_set_num_threads_local`` in torch's library, or None where torch does not compute with MKL.
-
-    It sets the number of threads MKL uses in the calling thread only and returns the previous
-    setting (0: the global one), so nothing else in the process computes on fewer threads.
-    """
-    if not th.backends.mkl.is_available():
-        return None
-    try:
-        setter = ctypes.CDLL(str(Path(th.__file__).parent / "lib" / "libtorch_cpu.so")).MKL_Set_Num_Threads_Local
-    except (OSError, AttributeError):
-        return None
-    setter.argtypes = [ctypes.c_int]
-    setter.restype = ctypes.c_int
-    return setter
-
-
 def _layouts(weights: list[dict[str, nn.Parameter | None]]) -> list[tuple]:
     return [(w["weight"].shape, w["weight"].stride(), w["bias"] is not None) for w in weights]  # type: ignore[union-attr]
 

@@ -1,20 +1,19 @@
 """The operating system's side of a helper process: die with its parent, run on CPU time nobody else
 wants, keep no inherited descriptor, and the CPU time ``/proc`` reports.
 
-Every call of the package into the C library for a process (``prctl`` through ctypes) is here.
+The C library's ``prctl`` is called through :mod:`sb3_trpo.common.native`.
 Each function does nothing, or tells that it cannot tell, where the operating system lacks the call.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import faulthandler
 import os
 import signal
 import sys
 
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+from sb3_trpo.common.native import kill_with_parent
 
 
 def exit_with_parent(parent_pid: int, forked_by_main_thread: bool) -> None:
@@ -25,9 +24,8 @@ def exit_with_parent(parent_pid: int, forked_by_main_thread: bool) -> None:
     """
     # The kernel's "parent" is the forking thread: only the main thread lives as long as the
     # process. (Otherwise the child's own polling has to notice the parent's death.)
-    if sys.platform.startswith("linux") and forked_by_main_thread:
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if forked_by_main_thread:
+        kill_with_parent(signal.SIGKILL)
     if os.getppid() != parent_pid:  # it died before prctl
         os._exit(0)
 
