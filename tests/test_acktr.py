@@ -236,6 +236,7 @@ def train_and_evaluate(env_id: str, seed: int) -> float:
     model = ACKTR(policy, env, seed=seed, **settings)
     model.learn(n_timesteps)
     mean_return, _ = evaluate_policy(model, make_vec_env(env_id, n_envs=1, seed=seed + 1000), n_eval_episodes=10)
+    print(f"{env_id} seed {seed}: mean return {mean_return:.1f} over 10 deterministic episodes")
     return float(mean_return)
 
 
