@@ -182,7 +182,6 @@ def _linear(parameters: dict[str, nn.Parameter | None]) -> Callable[[th.Tensor],
     return linear
 
 
-@functools.cache
 def _layouts(weights: list[dict[str, nn.Parameter | None]]) -> list[tuple]:
     return [(w["weight"].shape, w["weight"].stride(), w["bias"] is not None) for w in weights]  # type: ignore[union-attr]
 
