@@ -14,6 +14,7 @@ import sb3_contrib
 import stable_baselines3 as sb3
 import torch as th
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.policies import ActorCriticPolicy
 
 from sb3_trpo import ACKTR, NPG, TRPO, MaskableTRPO, RecurrentTRPO
 
@@ -68,12 +69,24 @@ def test_zip_of_another_algorithm_is_refused_naming_it(name, make, saved_by, tmp
     assert f"it was saved by {saved_by}: load it with {name}.load(...)" in message
 
 
+class CustomPolicy(ActorCriticPolicy):
+    """A policy class of no library algorithm's aliases."""
+
+
 def test_zip_of_an_unknown_algorithm_is_refused_naming_its_policy_class(tmp_path: Path) -> None:
-    """ACKTR's zip (no conjugate gradient, not an SB3 or sb3-contrib algorithm): the policy class is what it names."""
-    path = _save(ACKTR("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=64), tmp_path / "acktr.zip")
-    policy = ACKTR.policy_aliases["MlpPolicy"]
-    with pytest.raises(ValueError, match=f"its policy class: {policy.__module__}.{policy.__qualname__}"):
+    path = _save(sb3.A2C(CustomPolicy, "CartPole-v1", n_steps=8), tmp_path / "custom.zip")
+    with pytest.raises(ValueError, match=f"its policy class: {__name__}.CustomPolicy"):
         TRPO.load(path)
+
+
+def test_zips_of_the_other_family_of_the_package_are_refused_naming_it(tmp_path: Path) -> None:
+    acktr = _save(ACKTR("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=64), tmp_path / "acktr.zip")
+    with pytest.raises(ValueError, match="it was saved by ACKTR: load it with ACKTR"):
+        TRPO.load(acktr)
+    trpo = _save(TRPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=64), tmp_path / "trpo.zip")
+    with pytest.raises(ValueError, match=r"was not saved by ACKTR .*it was saved by TRPO, NPG, MaskableTRPO, RecurrentTRPO"):
+        ACKTR.load(trpo)
+    assert isinstance(ACKTR.load(acktr), ACKTR)
 
 
 def test_zips_of_trust_region_algorithms_still_load(tmp_path: Path) -> None:

@@ -5,21 +5,19 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import DiagGaussianDistribution
-from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
-from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, RolloutBufferSamples, Schedule
+from stable_baselines3.common.type_aliases import GymEnv, RolloutBufferSamples, Schedule
 from stable_baselines3.common.utils import explained_variance
-from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
 
 from sb3_trpo.acktr.policies import CnnPolicy, MlpPolicy, MultiInputPolicy
+from sb3_trpo.common.base_algorithm import SeparateCriticAlgorithm
 from sb3_trpo.common.distributions import kl_terms, kl_terms_per_sample
 from sb3_trpo.common.kfac import (
     KroneckerFactors,
@@ -32,18 +30,15 @@ from sb3_trpo.common.kfac import (
     step_scale,
     uncovered_parameters,
 )
+from sb3_trpo.common.loading import ACKTR_KEYS
 from sb3_trpo.common.policies import split_actor_critic
-from sb3_trpo.common.rollout import actions_for_log_prob, collect_rollout
+from sb3_trpo.common.rollout import actions_for_log_prob
 from sb3_trpo.common.validation import (
     NonFiniteError,
-    check_action_space,
     check_hyperparameter,
     check_hyperparameters,
     check_rollout_finite,
-    warn_truncated_batch,
 )
-
-SelfACKTR = TypeVar("SelfACKTR", bound="ACKTR")
 
 # ACKTR's own hyperparameters: the test a value must pass, and the allowed range as the error states it.
 ACKTR_RULES: dict[str, tuple[Any, str]] = {
@@ -66,7 +61,7 @@ class KFACStep:
     objective: float
 
 
-class ACKTR(OnPolicyAlgorithm):
+class ACKTR(SeparateCriticAlgorithm):
     """
     Actor Critic using Kronecker-Factored Trust Region (ACKTR), on SB3's rollout buffer, policies and GAE.
 
@@ -139,6 +134,7 @@ class ACKTR(OnPolicyAlgorithm):
         "CnnPolicy": CnnPolicy,
         "MultiInputPolicy": MultiInputPolicy,
     }
+    saved_keys: ClassVar[tuple[str, ...]] = ACKTR_KEYS
     supported_action_spaces: ClassVar[tuple[type[spaces.Space], ...]] = (
         spaces.Box,
         spaces.Discrete,
@@ -200,15 +196,16 @@ class ACKTR(OnPolicyAlgorithm):
             rule, allowed = ACKTR_RULES[name]
             check_hyperparameter(name, value, rule(value), allowed)
         super().__init__(
-            policy,  # type: ignore[arg-type]
+            policy,
             env,
             learning_rate=learning_rate,
             n_steps=n_steps,
+            batch_size=batch_size,
             gamma=gamma,
             gae_lambda=gae_lambda,
+            target_kl=target_kl,
+            normalize_advantage=normalize_advantage,
             ent_coef=ent_coef,
-            vf_coef=0.0,
-            max_grad_norm=0.0,
             use_sde=use_sde,
             sde_sample_freq=sde_sample_freq,
             rollout_buffer_class=rollout_buffer_class,
@@ -219,28 +216,14 @@ class ACKTR(OnPolicyAlgorithm):
             verbose=verbose,
             device=device,
             seed=seed,
-            _init_setup_model=False,
-            # Checked below with a ValueError instead of SB3's assertion.
-            supported_action_spaces=None,
         )
-        if getattr(self, "action_space", None) is not None:
-            check_action_space(type(self).__name__, self.action_space, self.supported_action_spaces)
-        if self.env is not None:
-            warn_truncated_batch(batch_size, self.n_steps, self.env.num_envs)
-        if self.env is not None and normalize_advantage:
-            size = self.env.num_envs * self.n_steps
-            check_hyperparameter("n_steps * n_envs", size, size > 1, "> 1 with normalize_advantage=True")
-        self.batch_size = batch_size
-        self.target_kl = target_kl
         self.max_lr = max_lr
         self.kfac_damping = kfac_damping
         self.kfac_decay = kfac_decay
         self.inverse_update_interval = inverse_update_interval
         self.n_critic_updates = n_critic_updates
         self.critic_target_kl = critic_target_kl
-        self.normalize_advantage = normalize_advantage
-        self.actor_parameters: list[nn.Parameter] = []
-        self.critic_parameters: list[nn.Parameter] = []
+        self.actor_parameters, self.critic_parameters = [], []
         self.actor_factors: KroneckerFactors | None = None
         self.critic_factors: KroneckerFactors | None = None
         if _init_setup_model:
@@ -277,29 +260,7 @@ class ACKTR(OnPolicyAlgorithm):
         derived = ["actor_parameters", "critic_parameters", "_actor_layers", "_critic_layers", "_log_std"]
         return [*super()._excluded_save_params(), *derived]
 
-    def collect_rollouts(
-        self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
-    ) -> bool:
-        """Collect ``n_rollout_steps`` per environment as SB3 does (see :func:`sb3_trpo.common.rollout.collect_rollout`)."""
-        # The critic is fitted in the training process: nothing to wait for.
-        return collect_rollout(
-            self,
-            env,
-            callback,
-            rollout_buffer,
-            n_rollout_steps,
-            wait_for_critic=lambda: None,
-            critic_parameters=self.critic_parameters,
-            critic_pending=False,
-        )
-
     # ------------------------------------------------------------------ update
-    def current_target_kl(self) -> float:
-        """The trust-region radius of the next update: ``target_kl``, or its schedule at the current progress."""
-        if callable(self.target_kl):
-            return float(self.target_kl(self._current_progress_remaining))
-        return float(self.target_kl)
-
     def train(self) -> None:
         """One K-FAC trust-region step of the actor, then the critic's K-FAC steps."""
         self.policy.set_training_mode(True)
@@ -429,21 +390,3 @@ class ACKTR(OnPolicyAlgorithm):
         if self._log_std is not None:
             self.logger.record("train/std", th.exp(self._log_std).mean().item())
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
-
-    def learn(
-        self: SelfACKTR,
-        total_timesteps: int,
-        callback: MaybeCallback = None,
-        log_interval: int = 1,
-        tb_log_name: str = "ACKTR",
-        reset_num_timesteps: bool = True,
-        progress_bar: bool = False,
-    ) -> SelfACKTR:
-        return super().learn(
-            total_timesteps=total_timesteps,
-            callback=callback,
-            log_interval=log_interval,
-            tb_log_name=tb_log_name,
-            reset_num_timesteps=reset_num_timesteps,
-            progress_bar=progress_bar,
-        )

@@ -3,14 +3,16 @@
 A zip that SB3's ``save`` wrote holds no algorithm name. Which algorithm saved it is read from
 its ``data`` entry, the saved attributes of the model:
 
-- an algorithm of the conjugate-gradient trust-region family (``TrustRegionAlgorithm``'s
-  subclasses, and sb3-contrib's ``TRPO``) saves the hyperparameters ``cg_max_steps`` and
-  ``n_critic_updates`` (:data:`TRUST_REGION_KEYS`); such a zip loads;
+- each family of the package's algorithms saves hyperparameters no other SB3 or sb3-contrib
+  algorithm saves (:data:`FAMILIES`): the conjugate-gradient trust-region family
+  (``TrustRegionAlgorithm``'s subclasses, and sb3-contrib's ``TRPO``) ``cg_max_steps`` and
+  ``n_critic_updates``, ACKTR ``kfac_damping`` and ``critic_target_kl``; a zip of the loading
+  algorithm's family loads, a zip of the other family is refused naming it;
 - any other zip is refused, naming the Stable-Baselines3 or sb3-contrib algorithms whose policy
   aliases hold the zip's ``policy_class``; of those sharing a policy class, PPO and its variants
   are told from A2C by the ``clip_range`` they save, A2C from algorithms that fit their critic
-  separately by ``n_critic_updates``; a zip of none of them (this package's ACKTR, a custom
-  algorithm) is refused naming its policy class.
+  separately by ``n_critic_updates``; a zip of none of them (a custom algorithm) is refused
+  naming its policy class.
 """
 
 from __future__ import annotations
@@ -33,6 +35,15 @@ from stable_baselines3.common.save_util import json_to_data, open_path
 # Saved by every conjugate-gradient trust-region algorithm (set by its constructor) and by no other SB3 or
 # sb3-contrib algorithm.
 TRUST_REGION_KEYS = ("cg_max_steps", "n_critic_updates")
+ACKTR_KEYS = ("kfac_damping", "critic_target_kl")
+# Each family of the package's algorithms, by the hyperparameters its zips hold, and who saves them.
+FAMILIES: dict[tuple[str, ...], tuple[str, str]] = {
+    TRUST_REGION_KEYS: (
+        "TRPO, NPG, MaskableTRPO, RecurrentTRPO or sb3-contrib's TRPO",
+        "TRPO, NPG, MaskableTRPO or RecurrentTRPO",
+    ),
+    ACKTR_KEYS: ("ACKTR", "ACKTR"),
+}
 # Hyperparameters that tell apart algorithms sharing a policy class: PPO's family and A2C (and
 # A2C and algorithms fitting their critic separately, such as this package's ACKTR).
 TELLING_KEYS = ("clip_range", "n_critic_updates")
@@ -148,19 +159,23 @@ def _library(cls: type) -> str:
     return cls.__module__.split(".")[0]
 
 
-def check_saved_by_trust_region(algorithm: str, path: Any, saved: dict) -> None:
+def check_saved_by(algorithm: str, keys: tuple[str, ...], path: Any, saved: dict) -> None:
     """
-    Refuse a zip that no conjugate-gradient trust-region algorithm saved, naming the algorithm that did.
+    Refuse a zip that no algorithm of the loading algorithm's family saved, naming the algorithm that did.
 
     :param algorithm: the class name of the algorithm loading the zip
+    :param keys: the hyperparameters every zip of its family holds (a key of :data:`FAMILIES`)
     :param path: the zip, for the message
     :param saved: the zip's data, as :func:`read_saved_data` returns it
-    :raises ValueError: the zip lacks a key of :data:`TRUST_REGION_KEYS`
+    :raises ValueError: the zip lacks a key of ``keys``
     """
-    if all(key in saved for key in TRUST_REGION_KEYS):
+    if all(key in saved for key in keys):
         return
+    family = next((names for family_keys, names in FAMILIES.items() if all(key in saved for key in family_keys)), None)
     found = saving_algorithms(saved)
-    if found:
+    if family is not None:
+        told = f"it was saved by {family[0]}: load it with {family[1]} (from sb3_trpo)"
+    elif found:
         names = " or ".join(f"{_library(cls)}'s {cls.__name__}" for cls in found)
         loaders = " or ".join(f"{cls.__name__}.load(...) (from {_library(cls)} import {cls.__name__})" for cls in found)
         told = f"it was saved by {names}: load it with {loaders}"
@@ -169,8 +184,8 @@ def check_saved_by_trust_region(algorithm: str, path: Any, saved: dict) -> None:
         policy = f"{policy_class.__module__}.{policy_class.__qualname__}" if isinstance(policy_class, type) else "unknown"
         told = f"load it with the algorithm class that saved it (its policy class: {policy})"
     raise ValueError(
-        f"{path} was not saved by TRPO, NPG, MaskableTRPO, RecurrentTRPO or sb3-contrib's TRPO (its data has no "
-        f"{' or '.join(TRUST_REGION_KEYS)}), so {algorithm} cannot load it; {told}."
+        f"{path} was not saved by {FAMILIES[keys][0]} (its data has no {' or '.join(keys)}), "
+        f"so {algorithm} cannot load it; {told}."
     )
 
 

@@ -8,31 +8,24 @@ sequences with a validity mask) that the methods here apply.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import functools
-import io
-import pathlib
 import warnings
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar
 
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.buffers import DictRolloutBuffer, RolloutBuffer
-from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.distributions import Distribution
-from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
-from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.type_aliases import GymEnv, Schedule
 from stable_baselines3.common.utils import explained_variance
-from stable_baselines3.common.vec_env import VecEnv
 from torch import nn
-from tqdm import TqdmExperimentalWarning
 
+from sb3_trpo.common.base_algorithm import SeparateCriticAlgorithm
 from sb3_trpo.common.critic import CriticJob, index_observations
 from sb3_trpo.common.critic_fitter import BackgroundSetting, CriticFitter, background_pays, check_background_setting
 from sb3_trpo.common.critic_worker import background_unavailable
-from sb3_trpo.common.loading import check_saved_by_trust_region, plain_load_errors, read_saved_data, unknown_policy_error
+from sb3_trpo.common.loading import TRUST_REGION_KEYS
 from sb3_trpo.common.policies import split_actor_critic
 from sb3_trpo.common.policy_step import (
     ActorStep,
@@ -44,7 +37,7 @@ from sb3_trpo.common.policy_step import (
     normalized_advantages,
     surrogate,
 )
-from sb3_trpo.common.rollout import actions_for_log_prob, collect_rollout
+from sb3_trpo.common.rollout import actions_for_log_prob
 from sb3_trpo.common.trust_region import (
     LineSearchResult,
     conjugate_gradient,
@@ -55,16 +48,13 @@ from sb3_trpo.common.trust_region import (
 )
 from sb3_trpo.common.validation import (
     NonFiniteError,
-    check_action_space,
     check_hyperparameter,
     check_hyperparameters,
     check_rollout_finite,
-    warn_truncated_batch,
 )
 
-SelfTrustRegionAlgorithm = TypeVar("SelfTrustRegionAlgorithm", bound="TrustRegionAlgorithm")
 
-class TrustRegionAlgorithm(OnPolicyAlgorithm):
+class TrustRegionAlgorithm(SeparateCriticAlgorithm):
     """
     The natural-gradient trust-region step with a separately fitted critic, shared by every algorithm of the package.
 
@@ -110,6 +100,7 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
     )
     rollout_buffer_classes: ClassVar[tuple[type[RolloutBuffer], type[RolloutBuffer]]] = (RolloutBuffer, DictRolloutBuffer)
     policy_options: ClassVar[tuple[str, ...]] = ("use_sde",)
+    saved_keys: ClassVar[tuple[str, ...]] = TRUST_REGION_KEYS
     batch_class: ClassVar[type[PolicyBatch]] = PolicyBatch
     # Why the background critic fit cannot run, for variants whose rollout reads the critic at every step.
     background_critic_fit_refused: ClassVar[str | None] = None
@@ -162,15 +153,15 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         )
         self._check_variant_options(use_sde, rollout_buffer_class, background_critic_fit)
         super().__init__(
-            policy,  # type: ignore[arg-type]
+            policy,
             env,
             learning_rate=learning_rate,
             n_steps=n_steps,
+            batch_size=batch_size,
             gamma=gamma,
             gae_lambda=gae_lambda,
-            ent_coef=0.0,
-            vf_coef=0.0,
-            max_grad_norm=0.0,
+            target_kl=target_kl,
+            normalize_advantage=normalize_advantage,
             use_sde=use_sde,
             sde_sample_freq=sde_sample_freq,
             rollout_buffer_class=rollout_buffer_class,
@@ -181,35 +172,16 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
             verbose=verbose,
             device=device,
             seed=seed,
-            _init_setup_model=False,
-            # Checked below with a ValueError instead of SB3's assertion.
-            supported_action_spaces=None,
         )
-        if getattr(self, "action_space", None) is not None:
-            check_action_space(type(self).__name__, self.action_space, self.supported_action_spaces)
-        if self.env is not None:
-            warn_truncated_batch(batch_size, self.n_steps, self.env.num_envs)
-        if self.env is not None and normalize_advantage:
-            buffer_size = self.env.num_envs * self.n_steps
-            check_hyperparameter(
-                "n_steps * n_envs",
-                buffer_size,
-                buffer_size > 1,
-                "> 1 with normalize_advantage=True (the advantage standard deviation needs two samples)",
-            )
-        self.normalize_advantage = normalize_advantage
-        self.batch_size = batch_size
         self.cg_max_steps = cg_max_steps
         self.cg_damping = cg_damping
         self.cg_residual_tol = cg_residual_tol
-        self.target_kl = target_kl
         self.n_critic_updates = n_critic_updates
         self.sub_sampling_factor = sub_sampling_factor
         self.fisher_vector_product = fisher_vector_product
         check_background_setting(background_critic_fit, self.device, self.policy_kwargs.get("optimizer_class", th.optim.Adam))
         self.background_critic_fit = background_critic_fit
-        self.actor_parameters: list[nn.Parameter] = []
-        self.critic_parameters: list[nn.Parameter] = []
+        self.actor_parameters, self.critic_parameters = [], []
         self._critic_fitter: CriticFitter | None = None
 
         if _init_setup_model:
@@ -231,27 +203,6 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         if background_critic_fit is True and self.background_critic_fit_refused is not None:
             refused = f"False for {type(self).__name__}: {self.background_critic_fit_refused}"
             check_hyperparameter("background_critic_fit", True, False, refused)
-
-    def _get_policy_from_name(self, policy_name: str) -> type[BasePolicy]:
-        if policy_name not in self.policy_aliases:
-            raise unknown_policy_error(type(self).__name__, policy_name, self.policy_aliases)
-        return super()._get_policy_from_name(policy_name)
-
-    @classmethod
-    def load(
-        cls: type[SelfTrustRegionAlgorithm],
-        path: str | pathlib.Path | io.BufferedIOBase,
-        env: GymEnv | None = None,
-        device: th.device | str = "auto",
-        custom_objects: dict[str, Any] | None = None,
-        print_system_info: bool = False,
-        force_reset: bool = True,
-        **kwargs: Any,
-    ) -> SelfTrustRegionAlgorithm:
-        # SB3 loads any algorithm's zip into any class, and lets torch's errors on a damaged file through.
-        check_saved_by_trust_region(cls.__name__, path, read_saved_data(path, custom_objects))
-        with plain_load_errors(path):
-            return super().load(path, env, device, custom_objects, print_system_info, force_reset, **kwargs)
 
     # ------------------------------------------------------------------ setup
     def _setup_model(self) -> None:
@@ -310,21 +261,10 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
     def _split_actor_critic(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         return split_actor_critic(self.policy)
 
-    # ----------------------------------------------------------------- rollout
-    def collect_rollouts(
-        self, env: VecEnv, callback: BaseCallback, rollout_buffer: RolloutBuffer, n_rollout_steps: int
-    ) -> bool:
-        """Collect ``n_rollout_steps`` per environment as SB3 does (see :func:`sb3_trpo.common.rollout.collect_rollout`)."""
-        return collect_rollout(
-            self,
-            env,
-            callback,
-            rollout_buffer,
-            n_rollout_steps,
-            wait_for_critic=functools.partial(self.finish_critic_fit, rollout_end=True),
-            critic_parameters=self.critic_parameters,
-            critic_pending=self._critic_fitter is not None and self._critic_fitter.in_progress,
-        )
+    @property
+    def critic_fit_in_progress(self) -> bool:
+        """Whether a fit of the critic may still be running in the background worker."""
+        return self._critic_fitter is not None and self._critic_fitter.in_progress
 
     # ------------------------------------------------------------------ update
     def train(self) -> None:
@@ -363,12 +303,6 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
     def _distribution(self, batch: PolicyBatch) -> Distribution:
         """The current policy's action distribution on the batch."""
         return self.policy.get_distribution(batch.observations)
-
-    def current_target_kl(self) -> float:
-        """The trust-region radius of the next update: ``target_kl``, or its schedule at the current progress."""
-        if callable(self.target_kl):
-            return float(self.target_kl(self._current_progress_remaining))
-        return float(self.target_kl)
 
     def _policy_step(self, batch: PolicyBatch, update: int) -> PolicyStepStats:
         """Natural-gradient direction by CG, scaled to the trust region, applied by :meth:`_take_step`."""
@@ -480,31 +414,3 @@ class TrustRegionAlgorithm(OnPolicyAlgorithm):
         if hasattr(self.policy, "log_std"):
             self.logger.record("train/std", th.exp(self.policy.log_std).mean().item())
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
-
-    def learn(
-        self: SelfTrustRegionAlgorithm,
-        total_timesteps: int,
-        callback: MaybeCallback = None,
-        log_interval: int = 1,
-        tb_log_name: str | None = None,
-        reset_num_timesteps: bool = True,
-        progress_bar: bool = False,
-    ) -> SelfTrustRegionAlgorithm:
-        # SB3 ignores tqdm.rich's TqdmExperimentalWarning through a filter set when it is imported,
-        # which pytest and warnings.catch_warnings reset: the user asked for a bar, not for that warning.
-        quiet_bar = warnings.catch_warnings() if progress_bar else contextlib.nullcontext()
-        try:
-            with quiet_bar:
-                if progress_bar:
-                    warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)
-                return super().learn(
-                    total_timesteps=total_timesteps,
-                    callback=callback,
-                    log_interval=log_interval,
-                    tb_log_name=type(self).__name__ if tb_log_name is None else tb_log_name,
-                    reset_num_timesteps=reset_num_timesteps,
-                    progress_bar=progress_bar,
-                )
-        finally:
-            # The model a user gets back has its critic fitted.
-            self.finish_critic_fit()
