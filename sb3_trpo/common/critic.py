@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch as th
+from gymnasium import spaces
 from stable_baselines3.common.buffers import RolloutBuffer
-from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.policies import ActorCriticPolicy, BasePolicy
 from stable_baselines3.common.type_aliases import PyTorchObs
 from torch import nn
 from torch.nn import functional as F
@@ -31,8 +32,15 @@ ADAM_OPTIMIZERS = (th.optim.Adam, th.optim.AdamW)
 def index_observations(observations: PyTorchObs, index: th.Tensor | slice) -> PyTorchObs:
     """Select rows of a tensor or of every tensor of a dict observation."""
     if isinstance(observations, dict):
-        return {key: value[index] for key, value in observations.items()}
-    return observations[index]
+        return {key: _rows(value, index) for key, value in observations.items()}
+    return _rows(observations, index)
+
+
+def _rows(tensor: th.Tensor, index: th.Tensor | slice) -> th.Tensor:
+    # The same copy of the same rows as indexing, which takes torch's general advanced-indexing path.
+    if isinstance(index, th.Tensor) and index.dim() == 1 and not index.is_floating_point() and index.dtype != th.bool:
+        return tensor.index_select(0, index)
+    return tensor[index]
 
 
 def prefer_fused_adam(optimizer: th.optim.Optimizer) -> None:
@@ -193,6 +201,9 @@ def fit_critic(
         group["lr"] = job.learning_rate
     prefer_fused_adam(optimizer)
     observations = _as_tensors(job.observations, policy.device)
+    if _cast_per_minibatch(policy, observations):
+        # Row by row the same cast to float32 as SB3's, done once instead of on every minibatch.
+        observations = observations.float()  # type: ignore[union-attr]
     returns = th.as_tensor(job.returns, device=policy.device)
 
     def minibatch_loss(indices: th.Tensor) -> Callable[[], th.Tensor]:
@@ -210,6 +221,17 @@ def fit_critic(
     )
     done = 0 if losses is None else len(losses)
     return regress(optimizer, critic_parameters, itertools.islice(minibatches, done, None), before, losses, stop)
+
+
+def _cast_per_minibatch(policy: BasePolicy, observations: PyTorchObs) -> bool:
+    """Whether ``policy.predict_values`` is SB3's, whose ``preprocess_obs`` casts a Box observation to float32."""
+    return (
+        isinstance(observations, th.Tensor)
+        and observations.is_floating_point()
+        and isinstance(policy.observation_space, spaces.Box)
+        and isinstance(policy, ActorCriticPolicy)
+        and type(policy).predict_values is ActorCriticPolicy.predict_values
+    )
 
 
 def checked_critic_loss(loss: float | None, update: int) -> float:
