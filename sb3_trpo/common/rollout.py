@@ -4,8 +4,8 @@ SB3's ``OnPolicyAlgorithm.collect_rollouts`` runs the whole policy, actor and cr
 step. The batched loop, :func:`collect_rollout`, draws only the actions per step, bitwise as
 ``policy.forward`` draws them (:mod:`sb3_trpo.common.exact_sampler`), and computes the values
 and log-probabilities of the whole rollout in one batched pass once the critic's background
-fit has finished. That pass rounds differently from SB3's per-step passes (relative
-differences of about 1e-7); everything that drives the trajectory (actions, observations,
+fit has finished. That pass may round differently from SB3's per-step passes (the tests
+bound the difference at 1e-6); everything that drives the trajectory (actions, observations,
 rewards, episode starts) is SB3's to the bit, and so are the rewards with the bootstrap values
 of time-limit truncations, computed one observation at a time as SB3 computes them.
 
