@@ -6,17 +6,21 @@ them with the pure functions of :mod:`sb3_trpo.common.trust_region`.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch as th
-from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.distributions import DiagGaussianDistribution, Distribution
 from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import PyTorchObs
 from torch import nn
+from torch.distributions import Normal
 
 from sb3_trpo.common.distributions import distribution_fisher_vector_product, kl_terms
+from sb3_trpo.common.rollout_gate import recognised_policy
 from sb3_trpo.common.trust_region import LineSearchResult, MatrixVectorProduct, kl_hessian_vector_product, unflatten
 
 # evaluate(step fraction) -> (surrogate, KL) with the actor moved by that fraction of the full step.
@@ -80,6 +84,38 @@ def batch_kl(p: Distribution, q: Distribution, batch: PolicyBatch) -> BatchKL:
     """``KL(p || q)`` on the batch's samples: the one KL of the step, for its Fisher product and its check."""
     terms = kl_terms(p, q)
     return BatchKL(mean=batch.mean(terms), per_state=state_kl(terms, batch.mask))
+
+
+def current_and_old(
+    distribution: Callable[[PolicyBatch], Distribution], batch: PolicyBatch, policy: BasePolicy | None
+) -> tuple[Distribution, Distribution]:
+    """The current policy's action distribution on the batch, with its graph, and the same detached (the old policy).
+
+    One forward pass gives both where ``policy`` (None: unknown) is SB3's ``ActorCriticPolicy``
+    computation of a diagonal Gaussian on linear layers and activations
+    (:func:`~sb3_trpo.common.rollout_gate.recognised_policy`, no convolution): its forward
+    recording autograd runs the kernels it runs under ``no_grad``, on the same inputs, and draws
+    nothing, so the detached copy holds the no-grad pass's bits. Otherwise the old distribution
+    comes from its own pass under ``no_grad``.
+
+    :param distribution: the policy's action distribution on a batch (SB3's returns the policy's
+        ``action_dist`` itself, which the next call rebuilds: the old one is a copy)
+    """
+    if (
+        policy is not None
+        and recognised_policy(policy)
+        and type(policy.action_dist) is DiagGaussianDistribution
+        and not any(isinstance(module, nn.Conv2d) for module in policy.modules())
+    ):
+        current = distribution(batch)
+        old = copy.copy(current)
+        normal = current.distribution
+        assert isinstance(normal, Normal)
+        old.distribution = Normal(normal.loc.detach(), normal.scale.detach())
+        return current, old
+    with th.no_grad():
+        old = copy.copy(distribution(batch))
+    return distribution(batch), old
 
 
 def batch_fisher_vector_product(

@@ -8,7 +8,6 @@ sequences with a validity mask) that the methods here apply.
 
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Any, ClassVar
 
@@ -34,6 +33,7 @@ from sb3_trpo.common.policy_step import (
     Restore,
     StepEvaluation,
     batch_fisher_vector_product,
+    current_and_old,
     normalized_advantages,
     surrogate,
 )
@@ -306,10 +306,10 @@ class TrustRegionAlgorithm(SeparateCriticAlgorithm):
 
     def _policy_step(self, batch: PolicyBatch, update: int) -> PolicyStepStats:
         """Natural-gradient direction by CG, scaled to the trust region, applied by :meth:`_take_step`."""
+        one_pass = type(self)._distribution is TrustRegionAlgorithm._distribution
+        distribution, old_distribution = current_and_old(self._distribution, batch, self.policy if one_pass else None)
         with th.no_grad():
-            old_distribution = copy.copy(self._distribution(batch))
             entropy = old_distribution.entropy()
-        distribution = self._distribution(batch)
         objective = surrogate(distribution, batch)
         gradient = flatten(th.autograd.grad(objective, self.actor_parameters, retain_graph=True))
         if not th.isfinite(gradient).all():
