@@ -85,11 +85,7 @@ def sample_acktr_params(trial: optuna.Trial, n_actions: int, n_envs: int, additi
     trial.suggest_float("critic_target_kl", 0.01, 10.0, log=True)
     trial.suggest_int("n_critic_updates", 1, 20)
     trial.suggest_int("batch_size_pow", 6, 11)
-    trial.suggest_categorical("net_arch", list(NET_ARCHS))
-    trial.suggest_categorical("activation_fn", list(ACTIVATION_FNS))
-    trial.suggest_categorical("ortho_init", [True, False])
-    if n_actions > 0:
-        trial.suggest_float("log_std_init", -3.0, 1.0)
+    _suggest_policy(trial, n_actions)
     return store_config_entry(trial)
 
 
@@ -146,6 +142,15 @@ def target_kl_schedule(spec: str) -> TargetKLSchedule:
     return TargetKLSchedule(start=value, end=value * TARGET_KL_END_FRACTION, end_fraction=1.0)
 
 
+def _suggest_policy(trial: optuna.Trial, n_actions: int) -> None:
+    # The networks' shape and activation, orthogonal initialization, and a Gaussian's initial log std.
+    trial.suggest_categorical("net_arch", list(NET_ARCHS))
+    trial.suggest_categorical("activation_fn", list(ACTIVATION_FNS))
+    trial.suggest_categorical("ortho_init", [True, False])
+    if n_actions > 0:
+        trial.suggest_float("log_std_init", -3.0, 1.0)
+
+
 def _suggest_natural_gradient(trial: optuna.Trial, n_actions: int) -> None:
     # The trust region delta, constant or shrinking linearly over training, and the conjugate-gradient solve of F s = g.
     trial.suggest_float("target_kl", 1e-3, 0.1, log=True)
@@ -160,11 +165,7 @@ def _suggest_natural_gradient(trial: optuna.Trial, n_actions: int) -> None:
     trial.suggest_float("learning_rate", 1e-5, 1e-2, log=True)
     trial.suggest_int("n_critic_updates", 5, 30)
     trial.suggest_int("batch_size_pow", 5, 10)
-    trial.suggest_categorical("net_arch", list(NET_ARCHS))
-    trial.suggest_categorical("activation_fn", list(ACTIVATION_FNS))
-    trial.suggest_categorical("ortho_init", [True, False])
-    if n_actions > 0:
-        trial.suggest_float("log_std_init", -3.0, 1.0)
+    _suggest_policy(trial, n_actions)
 
 
 def store_config_entry(trial: optuna.Trial) -> dict[str, Any]:
