@@ -214,9 +214,8 @@ def main() -> None:
             )
     takeoff_p = rank_sum_p([takeoff(r, args.takeoff) for r in a], [takeoff(r, args.takeoff) for r in b])
     print(f"\ntake-off step (never = tied beyond the end): exact rank-sum p = {takeoff_p:.3f}")
-    print(
-        f"Spearman rank correlation of std@1M with the final return, all {len(pooled_std)} runs: {spearman(pooled_std, pooled_final):.2f}"
-    )
+    rho = spearman(pooled_std, pooled_final)
+    print(f"Spearman rank correlation of std@1M with the final return, all {len(pooled_std)} runs: {rho:.2f}")
 
     print(f"\n## {args.impl_a} only (not logged by {args.impl_b}): median over runs of per-run medians per phase\n")
     print("| diagnostic | " + " | ".join(label(s, e, args.total) for s, e in phases) + " |")
